@@ -11,7 +11,7 @@ STAMP := .make/install.stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train smoke test test-full test-gpu lint format clean sync-wandb
+.PHONY: help install train smoke test test-full test-gpu lint format clean sync-wandb lorahub
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -28,6 +28,33 @@ train: $(STAMP) ## run the embedded default job (tiny model, synthetic tasks, CP
 
 smoke: $(STAMP) ## a few steps of the default job (debug=smoke)
 	$(PYTHON) -m mtlora.train debug=smoke $(ARGS)
+
+# LoraHub: one LoRA per task (a Hydra multirun over data.select), then their gradient-free composition
+# (conf/adapter/lorahub.yaml). Everything lands in LORAHUB_DIR: library/<job>/ and compose/.
+MODEL ?= tiny
+SMOKE ?=
+LORAHUB_TASKS ?= arithmetic word_sorting boolean_expressions counting
+LORAHUB_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+LORAHUB_DIR ?= $(or $(MTLORA_OUTPUT_DIR),outputs)/lorahub/$(MODEL)_$(LORAHUB_STAMP)
+comma := ,
+empty :=
+space := $(empty) $(empty)
+LORAHUB_SWEEP = $(subst $(space),$(comma),$(foreach t,$(LORAHUB_TASKS),[$(t)]))
+LORAHUB_ALL = [$(subst $(space),$(comma),$(strip $(LORAHUB_TASKS)))]
+ifeq ($(SMOKE),1)
+LORAHUB_TRAIN := debug=smoke train.max_steps=40 data.budget=320 eval=none
+LORAHUB_COMPOSE := debug=smoke adapter.budget=12 eval.max_examples_per_task=16
+else
+LORAHUB_TRAIN := eval.max_examples_per_task=64
+LORAHUB_COMPOSE :=
+endif
+
+lorahub: $(STAMP) ## LoraHub: train one LoRA per task, then compose them (MODEL=tiny, SMOKE=1: a CPU check in ~2 min; ARGS to both)
+	$(PYTHON) -m mtlora.train -m model=$(MODEL) 'data.select=$(LORAHUB_SWEEP)' $(LORAHUB_TRAIN) \
+		'hydra.sweep.dir=$(LORAHUB_DIR)/library' 'hydra.sweep.subdir=$${hydra.job.num}_$${data.select.0}' $(ARGS)
+	$(PYTHON) -m mtlora.train model=$(MODEL) adapter=lorahub 'adapter.library_glob=$(LORAHUB_DIR)/library/*' \
+		'data.select=$(LORAHUB_ALL)' $(LORAHUB_COMPOSE) 'hydra.run.dir=$(LORAHUB_DIR)/compose' $(ARGS)
+	@echo "LoraHub composition: $(LORAHUB_DIR)/compose (weights and losses in metrics/lorahub.json)"
 
 test: $(STAMP) ## the CPU test suite (what CI runs; slow and GPU tests excluded)
 	$(PYTHON) -m pytest $(ARGS)

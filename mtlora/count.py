@@ -51,9 +51,7 @@ def count(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "adapter": cfg.adapter.name,
         "rank": cfg.adapter.get("rank"),
-        "target_modules": OmegaConf.to_container(cfg.adapter.target_modules)
-        if OmegaConf.is_config(cfg.adapter.target_modules)
-        else cfg.adapter.target_modules,
+        "target_modules": _targets_shown(cfg.adapter),
         "base": base,
         "total": params["total"],
         "trainable": params["trainable"],
@@ -61,6 +59,15 @@ def count(cfg: DictConfig) -> dict[str, Any]:
         "adapted_modules": len(layers),
         "adapted_kinds": sorted({n.rsplit(".", 1)[-1] for n in layers}),
     }
+
+
+def _targets_shown(adapter: DictConfig) -> Any:
+    """``target_modules`` as given, or a note when a block-level placement ignores them (mtLoRA)."""
+    placement = adapter.get("placement", "component")
+    if placement != "component":
+        return f"ignored (placement={placement})"
+    tm = adapter.target_modules
+    return OmegaConf.to_container(tm) if OmegaConf.is_config(tm) else tm
 
 
 def format_table(res: dict[str, Any]) -> str:

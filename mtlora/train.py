@@ -40,6 +40,14 @@ def preflight(cfg: DictConfig) -> None:
     validate_config(cfg)
     if cfg.model.get("arch") is not None:
         check_targets(meta_model(cfg.model), cfg.adapter)
+    if "mmlu" in cfg.eval.get("suites", []) and cfg.eval.get("at_end", True):  # data before training
+        from mtlora.eval.mmlu import mmlu_dir
+
+        mmlu_dir(cfg.eval.mmlu.get("data_dir"))
+    if cfg.adapter.get("method") == "lorahub":  # composition, not training: check the library up front
+        from mtlora.lorahub import preflight_lorahub
+
+        preflight_lorahub(cfg)
 
 
 def _result(run_dir: Path) -> float | None:
@@ -85,7 +93,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     preflight(cfg)
     start_run(cfg, run_dir)
     try:
-        if cfg.hardware.launcher == "accelerate":
+        if cfg.adapter.get("method") == "lorahub":  # gradient-free composition of trained LoRAs
+            from mtlora.lorahub import compose_run
+
+            compose_run(cfg, run_dir)
+        elif cfg.hardware.launcher == "accelerate":
             code = spawn_workers(cfg, run_dir)
             if code != 0:
                 raise RuntimeError(f"training workers exited with code {code}; see {run_dir}/train*.log")

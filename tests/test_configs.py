@@ -22,6 +22,7 @@ GROUPS = [
     "train",
     "hardware",
     "logger",
+    "diagnostics",
     "experiment",
     "hparams_search",
     "debug",

@@ -1,6 +1,7 @@
 """Adapter layers, injection by module name, and adapter state handling."""
 
 from mtlora.adapters.base import AdapterLayer
+from mtlora.adapters.block import BlockAdapter
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.dora import DoraLinear
 from mtlora.adapters.inject import (
@@ -12,9 +13,14 @@ from mtlora.adapters.inject import (
 )
 from mtlora.adapters.lora import LoraLinear
 from mtlora.adapters.moelora import MoeLoraLinear
+from mtlora.adapters.molora import MoLoraLinear
 from mtlora.adapters.mtl_lora import MtlLoraLinear, TaskAwareLayer
+from mtlora.adapters.mtlora_adapter import MtLoraLinear
 from mtlora.adapters.multihead import HydraLoraLinear, MLoraLinear, MultiHeadLoraLinear, RLoraLinear
+from mtlora.adapters.multilora import MultiLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.adapters.spectral import SpectralRegularizer, cross_expert_penalty, self_gram_penalty
+from mtlora.adapters.split import LoraSplitLinear
 from mtlora.adapters.state import (
     adapter_buffers,
     adapter_state_dict,
@@ -29,19 +35,26 @@ __all__ = [
     "ADAPTER_METHODS",
     "AdapterContext",
     "AdapterLayer",
+    "BlockAdapter",
     "DoraLinear",
     "HydraLoraLinear",
     "LoraLinear",
+    "LoraSplitLinear",
     "MLoraLinear",
+    "MoLoraLinear",
     "MoeLoraLinear",
+    "MtLoraLinear",
     "MtlLoraLinear",
     "MultiHeadLoraLinear",
+    "MultiLoraLinear",
     "RLoraLinear",
+    "SpectralRegularizer",
     "TaskAwareLayer",
     "adapter_buffers",
     "adapter_layers",
     "adapter_state_dict",
     "check_targets",
+    "cross_expert_penalty",
     "find_targets",
     "inject_adapters",
     "load_adapter",
@@ -49,5 +62,6 @@ __all__ = [
     "matches_target",
     "merge_adapters",
     "save_adapter",
+    "self_gram_penalty",
     "unmerge_adapters",
 ]

@@ -3,7 +3,8 @@
 The training loop sets it before each forward (``context.begin(task_ids=..., capture=...)``); adapter
 layers read ``task_ids`` (one id per row, for task-aware adapters), write the output of their
 down-projection into ``captured`` when ``capture`` is on (alignment losses, diagnostics) and put
-auxiliary losses (router balance, regularisers) into ``aux_losses``.
+auxiliary losses (router balance) into ``aux_losses``. Model-level terms that look at all layers at
+once and run on a schedule (``regularizers``) are called by the loop once per optimizer step.
 
 The values stay in place until the next ``begin`` so that non-reentrant gradient checkpointing, which
 re-runs layer forwards during backward, sees the same task ids as the original forward. Captured tensors
@@ -12,9 +13,13 @@ are stored by layer name (a recomputation overwrites, never appends).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+#: a model-level loss term called once per optimizer step: ``(step, steps_per_epoch) -> loss or None``
+StepRegularizer = Callable[[int, int], "torch.Tensor | None"]
 
 
 @dataclass
@@ -23,6 +28,11 @@ class AdapterContext:
     capture: bool = False
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: number of adapter layers in the model (set at injection; for losses averaged over layers)
+    num_layers: int = 0
+    #: model-level terms (e.g. mtLoRA's spectral regulariser), set at injection, kept across forwards;
+    #: the loop adds each one's value to the first micro-batch of every optimizer step
+    regularizers: list[StepRegularizer] = field(default_factory=list)
 
     def begin(self, task_ids: torch.Tensor | None = None, capture: bool = False) -> None:
         """Start a new forward pass: set the row task ids and clear what the last pass left."""

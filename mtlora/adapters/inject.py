@@ -59,6 +59,19 @@ def check_targets(model: nn.Module, adapter_cfg: DictConfig) -> list[str]:
     return targets
 
 
+def replace_targets(
+    model: nn.Module, adapter_cfg: DictConfig, cls: type[AdapterLayer], context: AdapterContext
+) -> list[str]:
+    """Swap every ``target_modules`` linear of ``model`` for ``cls`` (checked first); returns the names."""
+    targets = check_targets(model, adapter_cfg)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = cls.from_config(getattr(parent, child), name, context, adapter_cfg)
+        setattr(parent, child, layer)
+    return targets
+
+
 def inject_adapters(model: nn.Module, adapter_cfg: DictConfig) -> AdapterContext:
     """Replace every target linear layer of ``model`` by an adapter layer, in place.
 
@@ -69,15 +82,19 @@ def inject_adapters(model: nn.Module, adapter_cfg: DictConfig) -> AdapterContext
     if method not in ADAPTER_METHODS:
         raise ConfigError(f"adapter.method={method!r}: allowed values are {sorted(ADAPTER_METHODS)}")
     cls = ADAPTER_METHODS[method]
-    targets = check_targets(model, adapter_cfg)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    base_params = list(model.parameters())
     context = AdapterContext()
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = cls.from_config(getattr(parent, child), name, context, adapter_cfg)
-        setattr(parent, child, layer)
+    # seam: a method class may place its layers itself (classmethod ``place_adapters(model, adapter_cfg,
+    # context) -> names``, e.g. mtLoRA's block-level adapters and its model-level regulariser); the
+    # default swaps the ``target_modules`` linears. Base parameters are frozen after a successful placement.
+    place = getattr(cls, "place_adapters", None)
+    if place is not None:
+        targets = place(model, adapter_cfg, context)
+    else:
+        targets = replace_targets(model, adapter_cfg, cls, context)
+    for p in base_params:
+        p.requires_grad_(False)
+    context.num_layers = len(targets)
     object.__setattr__(model, "adapter_context", context)
     return context
 

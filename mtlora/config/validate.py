@@ -19,11 +19,13 @@ from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.data.build import rows_per_task, selected_tasks
 from mtlora.data.mixture import STRATEGIES
 from mtlora.data.sources import SOURCE_TYPES
+from mtlora.diagnostics.config import check_diagnostics_config
 from mtlora.errors import ConfigError
 from mtlora.models.loading import DTYPES
+from mtlora.training.meta import MetaLearner
 
 ALIGNMENTS = ("none", "kl", "mmd")
-EVAL_SUITES = ("heldin",)
+EVAL_SUITES = ("heldin", "bbh", "heldin_gen", "mmlu")
 LOGGERS = ("none", "csv", "wandb", "wandb_offline")
 _MISSING = object()
 
@@ -93,6 +95,74 @@ class _Checker:
         self.rule(key, _one_of(values), f"one of {list(values)}")
 
 
+def _check_bbh(c: _Checker) -> None:
+    from mtlora.eval.bbh import PROTOCOLS, TASKS, bbh_dir
+
+    c.choice("eval.bbh.protocol", tuple(PROTOCOLS))
+    c.rule(
+        "eval.bbh.tasks",
+        lambda v: v is None or (isinstance(v, ListConfig) and set(v) <= set(TASKS)),
+        f"null (all) or a list drawn from the 27 BBH tasks {list(TASKS)}",
+    )
+    c.int_("eval.bbh.limit", 1, optional=True)
+    c.int_("eval.bbh.max_new_tokens", 1, optional=True)
+    c.int_("eval.bbh.batch_tokens", 1)
+    c.int_("eval.bbh.max_batch_size", 1, optional=True)
+    c.rule(
+        "eval.bbh.task_id",
+        lambda v: v is None or isinstance(v, str) or _int(0)(v),
+        "null, a training task id (int >= 0) or a training task name",
+    )
+    try:
+        bbh_dir(c.get("eval.bbh.data_dir") or None)
+    except Exception as e:  # DataError naming the path, MTLORA_DATA_DIR and the hub id
+        c.errors.append(f"eval.bbh.data_dir: {e}")
+
+
+def _check_generation_suites(c: _Checker, suites) -> None:
+    """``eval.heldin_gen`` / ``eval.mmlu`` (mtlora.eval.heldin_gen, mtlora.eval.mmlu) and the tasks' metrics."""
+    from mtlora.eval.metrics import METRICS
+    from mtlora.eval.mmlu import SUBJECTS, mmlu_dir
+
+    if "heldin_gen" in suites:
+        for k in ("max_new_tokens", "batch_tokens"):
+            c.int_(f"eval.heldin_gen.{k}", 1)
+        for k in ("limit", "max_batch_size"):
+            c.int_(f"eval.heldin_gen.{k}", 1, optional=True)
+        for name in c.cfg.data.get("tasks") or {}:  # optional key, default exact
+            if c.get(f"data.tasks.{name}.eval.metric") not in (_MISSING, None, *METRICS):
+                c.rule(
+                    f"data.tasks.{name}.eval.metric", _one_of(METRICS), f"one of {list(METRICS)} (or absent)"
+                )
+    if "mmlu" in suites:
+        c.rule(
+            "eval.mmlu.subjects",
+            lambda v: v is None or (isinstance(v, ListConfig) and set(v) <= set(SUBJECTS)),
+            f"null (all) or a list drawn from the 57 MMLU subjects {list(SUBJECTS)}",
+        )
+        c.int_("eval.mmlu.limit", 1, optional=True)
+        c.rule(
+            "eval.mmlu.shots",
+            lambda v: _int(0)(v) and v <= 5,
+            "an integer from 0 to 5 (dev rows per subject)",
+        )
+        for k in ("max_new_tokens", "batch_tokens"):
+            c.int_(f"eval.mmlu.{k}", 1)
+        c.int_("eval.mmlu.max_batch_size", 1, optional=True)
+        c.rule(
+            "eval.mmlu.task_id",
+            lambda v: isinstance(v, str) or _int(0)(v),
+            "a task id (int >= 0) or task name",
+        )
+        # an explicit data dir is checked up front; the default ($MTLORA_DATA_DIR/mmlu, absent offline) when the
+        # suite runs (after the adapter is saved), so the optional suite never blocks composing eval=mmlu
+        if c.get("eval.mmlu.data_dir") not in (_MISSING, None, "hub"):
+            try:
+                mmlu_dir(c.get("eval.mmlu.data_dir"))
+            except Exception as e:  # DataError naming the path, MTLORA_DATA_DIR and the hub id
+                c.errors.append(f"eval.mmlu.data_dir: {e}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every invalid value of ``cfg`` (a composed train config)."""
     c = _Checker(cfg)
@@ -154,8 +224,74 @@ def validate_config(cfg: DictConfig) -> None:
     if c.get("adapter.detach_norm") is not _MISSING:
         c.rule("adapter.detach_norm", lambda v: isinstance(v, bool), "true or false")
     n_exp, rank = c.get("adapter.num_experts"), c.get("adapter.rank")
-    if isinstance(n_exp, int) and isinstance(rank, int) and n_exp >= 1 and rank >= 1 and rank % n_exp:
+    method = cfg.adapter.get("method")
+    # MOELoRA splits the total rank over its experts (MoLoRA's experts each have the full rank)
+    if method == "moelora" and _int(1)(n_exp) and _int(1)(rank) and rank % n_exp:
         c.errors.append(f"adapter.rank={rank}: must be a multiple of adapter.num_experts={n_exp}")
+    # parallel LoRAs (multilora, lora_split, molora)
+    if c.get("adapter.num_loras") is not _MISSING:
+        c.int_("adapter.num_loras", 1)
+    if c.get("adapter.num_splits") is not _MISSING:
+        c.int_("adapter.num_splits", 1)
+        n_split = c.get("adapter.num_splits")
+        if _int(1)(n_split) and _int(1)(rank) and rank % n_split:
+            c.errors.append(f"adapter.rank={rank}: must be a multiple of adapter.num_splits={n_split}")
+        c.choice("adapter.split_routing", ("task", "none"))
+        c.rule(
+            "adapter.split_of_task",
+            lambda v: (
+                v is None
+                or (isinstance(v, ListConfig) and len(v) > 0 and all(_int(0)(t) and t < n_split for t in v))
+            ),
+            f"null or a non-empty list of split indices in [0, {n_split})",
+        )
+    if c.get("adapter.top_k") is not _MISSING:
+        c.rule(
+            "adapter.top_k",
+            lambda v: v is None or (_int(1)(v) and (not _int(1)(n_exp) or v <= n_exp)),
+            f"null (dense) or an integer in [1, adapter.num_experts={n_exp}]",
+        )
+    if c.get("adapter.balance_weight") is not _MISSING:
+        c.num("adapter.balance_weight", 0)
+    # mtLoRA (component or block placement, fine-grained routing, balance loss, spectral regulariser)
+    for key, values in (
+        ("placement", ("component", "block_ffn", "block_attn", "both")),
+        ("block_style", ("lowrank", "bottleneck", "adaptformer")),
+        ("spectral.mode", ("self_gram", "cross_expert", "none")),
+    ):
+        if c.get(f"adapter.{key}") is not _MISSING:
+            c.choice(f"adapter.{key}", values)
+    if c.get("adapter.block_modules") is not _MISSING:
+        c.rule(
+            "adapter.block_modules",
+            lambda v: (
+                isinstance(v, DictConfig)
+                and set(v) <= {"ffn", "attn"}
+                and all(isinstance(x, str) and x for x in v.values())
+            ),
+            "a mapping with keys ffn/attn and non-empty module names",
+        )
+    for key, lo, optional in (
+        ("routing_group_size", 1, True),
+        ("routing_groups", 1, False),
+        ("spectral.every_steps", 1, True),
+        ("spectral.max_matrices", 1, False),
+    ):
+        if c.get(f"adapter.{key}") is not _MISSING:
+            c.int_(f"adapter.{key}", lo, optional=optional)
+    for key in ("blc_alpha", "spectral.lambda"):
+        if c.get(f"adapter.{key}") is not _MISSING:
+            c.num(f"adapter.{key}", 0)
+    if c.get("adapter.adaptformer_scale_init") is not _MISSING:
+        c.num("adapter.adaptformer_scale_init")
+    # MeTA-LoRA's meta-learning step (adapter=meta_lora)
+    if cfg.adapter.get("meta"):
+        try:
+            MetaLearner.from_config(cfg.adapter.meta)
+        except ConfigError as e:
+            c.errors.append(str(e))
+        if cfg.alignment.get("name", "none") != "none":
+            c.errors.append("adapter.meta: cannot be combined with an alignment loss; set alignment=none")
     # alignment
     c.choice("alignment.name", ALIGNMENTS)
     c.num("alignment.weight", 0)
@@ -163,6 +299,15 @@ def validate_config(cfg: DictConfig) -> None:
         c.choice("alignment.pool", ("none", "mean", "masked_mean"))
         c.choice("alignment.pair_reduce", ("sum", "mean"))
         c.choice("alignment.layer_reduce", ("mean", "sum"))
+        c.choice("alignment.window", ("micro", "step"))
+        c.rule("alignment.gather", lambda v: isinstance(v, bool), "true or false")
+        if cfg.alignment.get("pool") == "none" and (
+            cfg.alignment.get("window") == "step" or cfg.alignment.get("gather") is True
+        ):
+            c.errors.append(
+                "alignment.pool=none: window=step or gather=true pools rows across micro-batches or processes "
+                "(padded to different lengths); set alignment.pool=mean or masked_mean"
+            )
         c.rule(
             "alignment.layers",
             lambda v: v in ("all", "attn", "mlp") or (isinstance(v, ListConfig) and len(v) > 0),
@@ -217,6 +362,14 @@ def validate_config(cfg: DictConfig) -> None:
     c.int_("eval.batch_size", 1)
     c.int_("eval.every_steps", 1, optional=True)
     c.int_("eval.max_examples_per_task", 1, optional=True)
+    # diagnostics (conf/diagnostics)
+    c.errors += check_diagnostics_config(cfg.get("diagnostics"))
+    if "bbh" in (c.get("eval.suites") or ()):  # BBH suite (mtlora.eval.bbh_suite), data dir checked up front
+        _check_bbh(c)
+    if {"heldin_gen", "mmlu"} & set(
+        c.get("eval.suites") or ()
+    ):  # generation suites, MMLU data checked up front
+        _check_generation_suites(c, set(c.get("eval.suites")))
     # hardware / logger / run
     c.choice("hardware.device", ("cpu", "cuda"))
     c.int_("hardware.num_processes", 1)

@@ -41,22 +41,23 @@ def rows_per_task(cfg: DictConfig) -> int | None:
     """Rows of each task per micro-batch under task-balanced batching, or None for shuffled batches.
 
     ``data.batching=auto`` is task-balanced exactly when an alignment loss is on (it compares the tasks
-    of each micro-batch); ``data.rows_per_task`` defaults to ``train.micro_batch_size / tasks``."""
+    of each micro-batch) or MeTA-LoRA's ``adapter.meta`` is set (support/query rows of every task); ``data.rows_per_task`` defaults to ``train.micro_batch_size / tasks``."""
     mode = cfg.data.get("batching", "auto")
     if mode not in BATCHING:
         raise ConfigError(f"data.batching={mode!r}: allowed values are {list(BATCHING)}")
     aligned = cfg.alignment.get("name", "none") != "none"
-    if mode == "shuffle" or (mode == "auto" and not aligned):
-        if aligned:
+    meta = bool(cfg.adapter.get("meta"))  # MeTA-LoRA splits each task's rows into support and query
+    if mode == "shuffle" or (mode == "auto" and not (aligned or meta)):
+        if aligned or meta:
+            who = f"alignment={cfg.alignment.name}" if aligned else "adapter.meta (MeTA-LoRA)"
             raise ConfigError(
-                f"alignment={cfg.alignment.name} needs task-balanced micro-batches: "
-                "set data.batching=auto or task_balanced"
+                f"{who} needs task-balanced micro-batches: set data.batching=auto or task_balanced"
             )
         return None
     n_tasks = len(selected_tasks(cfg.data))
     mbs = int(cfg.train.micro_batch_size)
     k = cfg.data.get("rows_per_task") or mbs // max(n_tasks, 1)
-    low = 2 if aligned else 1
+    low = 2 if aligned or meta else 1
     if k < low or k * n_tasks != mbs:
         raise ConfigError(
             f"task-balanced batching: train.micro_batch_size={mbs} must equal data.rows_per_task ({k}) x "

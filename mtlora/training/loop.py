@@ -4,7 +4,8 @@ One optimizer step consumes ``gradient_accumulation_steps`` micro-batches per pr
 step is the summed answer-token cross-entropy of its micro-batches divided by their total answer-token
 count on this process, so each micro-batch weighs by its tokens (not 1/GA); DDP then averages the
 processes' gradients. Adapter auxiliary losses (``model.adapter_context.aux_losses``) are added with
-weight 1/GA per micro-batch.
+weight 1/GA per micro-batch; model-level regularisers (``model.adapter_context.regularizers``) once per
+optimizer step, to its first micro-batch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from mtlora.adapters import inject_adapters, save_adapter
 from mtlora.data import MultiTaskData, build_data
 from mtlora.data.build import rows_per_task
 from mtlora.data.mixture import BatchStream
+from mtlora.diagnostics import DiagnosticsRunner
+from mtlora.errors import ConfigError
+from mtlora.eval.bbh_suite import run_bbh
+from mtlora.eval.bbh_suite import summary_line as bbh_summary_line
 from mtlora.eval.heldin import evaluate_heldin
 from mtlora.models import build_model, build_tokenizer, count_parameters
 from mtlora.run.base_model import save_base_model
@@ -38,6 +43,7 @@ from mtlora.run.tracker import Tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from mtlora.training.loss import token_cross_entropy
+from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
 from mtlora.utils.dist import launched_as_worker
 
@@ -110,6 +116,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         data.schedule, int(cfg.train.micro_batch_size), acc.process_index, acc.num_processes, per_task
     )
     align = AlignmentTerm.from_config(cfg.alignment)
+    meta = MetaLearner.from_config(cfg.adapter.get("meta"), seed=int(cfg.seed))
+    if meta is not None:
+        if align is not None:
+            raise ConfigError("adapter.meta and alignment cannot be combined: set alignment=none")
+        meta.check_rows(per_task, len(data.task_names))
     steps = total_steps(cfg, stream)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.train.optimizer)(params=trainable)
@@ -175,7 +186,9 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         eval_log.truncate_after(step)
 
     tracker = Tracker(cfg, run_dir, enabled=acc.is_main_process)
+    diag = DiagnosticsRunner.for_training(cfg, inner, data, run_dir, tracker, acc.is_main_process, step)
     ga = int(cfg.train.gradient_accumulation_steps)
+    steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / ga))
     batches = stream.iterate(epoch, batch)
     bar = tqdm(total=steps, initial=step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
     t_last, seen_tokens = time.perf_counter(), 0
@@ -183,6 +196,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     ok = False
     try:
         model.train()
+        diag.on_start(step)  # init diagnostics (fresh runs), RNG untouched
         while step < steps:
             micro = [next(batches) for _ in range(ga)]
             epoch, batch = micro[-1][0], micro[-1][1] + 1
@@ -195,22 +209,49 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                 n_global = int(acc.reduce(torch.tensor(n_tokens, device=acc.device), reduction="sum"))
             scale = acc.num_processes / max(n_global, 1)
             step_loss = 0.0
-            for i, b in enumerate(tensors):
+            if meta is not None:  # MeTA-LoRA: inner loops on the unwrapped model, grads averaged by hand
+                n_tokens = 0
+                for i, b in enumerate(tensors):
+                    res = meta.accumulate(inner, b, 1.0 / ga, step, i)
+                    step_loss += float(res.ce.sum())
+                    n_tokens += int(res.mask.sum())
+                    seen_tokens += int(b["attention_mask"].sum())
+                    _add_task_losses(interval, data, res.task_ids, res.ce, res.mask)
+                average_grads_across_processes(trainable, acc)
+            pending, window_reps, window_ids = None, [], []  # alignment.window=step
+            for i, b in enumerate(tensors if meta is None else []):
                 sync = i == ga - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     ctx.begin(task_ids=b["task_ids"], capture=align is not None)
                     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                     ce, mask = token_cross_entropy(logits, b["labels"])
                     loss = ce.sum() * scale
-                    if align is not None:
+                    if align is not None and align.per_micro_batch:
                         a = align(ctx.captured, b["task_ids"], b["attention_mask"])
                         if a is not None:  # averaged over the micro-batches of the step
                             loss = loss + align.weight * a / ga
                             interval.align_sum += float(a.detach()) / ga
+                    elif align is not None:  # window=step: pooled rows of every micro-batch, one backward
+                        window_reps.append(align.pooled(ctx.captured, b["attention_mask"]))
+                        window_ids.append(b["task_ids"])
                     aux = ctx.total_aux_loss()
                     if aux is not None:
                         loss = loss + aux / ga
-                    acc.backward(loss)
+                    if i == 0:  # model-level regularisers: once per optimizer step, on its first micro-batch
+                        for reg in ctx.regularizers:
+                            r = reg(step, steps_per_epoch)
+                            if r is not None:
+                                loss = loss + r
+                    if align is not None and not align.per_micro_batch:
+                        pending = loss if pending is None else pending + loss
+                        if sync:
+                            a = align.from_pooled(window_reps, window_ids)
+                            if a is not None:
+                                pending = pending + align.weight * a
+                                interval.align_sum += float(a.detach())
+                            acc.backward(pending)
+                    else:
+                        acc.backward(loss)
                 step_loss += float(ce.detach().sum())
                 seen_tokens += int(b["attention_mask"].sum())
                 _add_task_losses(interval, data, b["task_ids"], ce.detach(), mask)
@@ -250,6 +291,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
             every = cfg.eval.get("every_steps")
             if every and step % every == 0 and step != steps and "heldin" in cfg.eval.suites:
                 _evaluate(cfg, acc, inner, data, eval_log, tracker, step)
+            diag.on_step(step, steps)
 
             if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == steps):
                 state = {
@@ -276,6 +318,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
             final = _evaluate(cfg, acc, inner, data, eval_log, tracker, step)
         if acc.is_main_process:
             _write_outputs(cfg, run_dir, inner, train_log, eval_log, final, tracker)
+            if cfg.eval.at_end and "bbh" in cfg.eval.suites:  # after the adapter is saved; main process only
+                _evaluate_bbh(cfg, inner, tokenizer, data, run_dir, tracker, step)
+            if cfg.eval.at_end and {"heldin_gen", "mmlu"} & set(cfg.eval.suites):  # generation suites
+                from mtlora.eval.heldin_gen import run_generation_suites
+
+                run_generation_suites(
+                    cfg.eval, cfg, inner, tokenizer, run_dir, data, data.task_names, tracker, step
+                )
         ok = True
     finally:
         bar.close()
@@ -333,6 +383,21 @@ def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step:
             markdown_table(rows, ["task", "n", "loss", "token_acc", "exact_match"]),
         )
     acc.wait_for_everyone()
+    return result
+
+
+def _evaluate_bbh(cfg, inner, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int):
+    """The ``bbh`` suite on the trained model (mtlora.eval.bbh_suite); writes its files into ``run_dir``."""
+    result = run_bbh(inner, tokenizer, cfg.eval.bbh, run_dir, task_names=data.task_names)
+    key = f"bbh_{result['protocol']}"
+    tracker.log(
+        {f"eval/{key}/macro": result["macro"]["accuracy"], f"eval/{key}/micro": result["micro"]["accuracy"]},
+        step,
+    )
+    tracker.summary(
+        {f"final/{key}/macro": result["macro"]["accuracy"], f"final/{key}/micro": result["micro"]["accuracy"]}
+    )
+    log.info("%s (tables in metrics/eval_%s.md)", bbh_summary_line(result), key)
     return result
 
 

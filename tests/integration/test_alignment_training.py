@@ -130,3 +130,72 @@ def test_alignment_under_two_process_ddp(tmp_path: Path) -> None:
     recs = _records(d)
     assert len(recs) == 3 and all(rec["align_loss"] > 0 for rec in recs)
     assert json.loads((d / "meta.json").read_text())["world_size"] == 2
+
+
+STEP_WINDOW = [
+    "adapter=align_kl",
+    "train.micro_batch_size=16",
+    "train.gradient_accumulation_steps=2",
+    "alignment.pool=masked_mean",
+    "train.max_steps=4",
+    "train.log_every=1",
+    "eval=none",
+    "logger=none",
+    "data.budget=512",
+]
+
+
+def test_step_window_one_backward_trains_like_per_micro_batch_backwards(tmp_path: Path) -> None:
+    """With λ=0 the step window's single backward over both micro-batches gives the same updates (same
+    losses) as one backward per micro-batch; with λ>0 it logs the wider-window loss and trains."""
+    runs = {}
+    for name, extra in {
+        "micro0": ["alignment.weight=0.0"],
+        "step0": ["alignment.weight=0.0", "alignment.window=step"],
+        "step": ["alignment.window=step"],
+        "micro": [],
+    }.items():
+        d = tmp_path / name
+        d.mkdir()
+        run_training(compose_train([*STEP_WINDOW, *extra], run_dir=d), d)
+        runs[name] = _records(d)
+    assert [r["loss"] for r in runs["step0"]] == pytest.approx([r["loss"] for r in runs["micro0"]], rel=1e-6)
+    assert all(r["align_loss"] > 0 for r in runs["step"])
+    # same first parameters: the step-window statistic (16+16 rows) differs from the mean of two 16-row ones
+    assert runs["step"][0]["align_loss"] != pytest.approx(runs["micro"][0]["align_loss"], rel=1e-3)
+    assert runs["step"][-1]["loss"] != pytest.approx(runs["micro0"][-1]["loss"], rel=1e-6)
+
+
+def test_gathered_statistics_under_ddp_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    """2 processes x 16 rows with alignment.gather=true compute the alignment loss of all 32 rows, like one
+    process with 32 rows: the same training and alignment losses at every step."""
+    from tests.helpers.compose import run_cli
+
+    common = [
+        "adapter=align_kl",
+        "adapter.dropout=0.0",
+        "alignment.pool=masked_mean",
+        "train.max_steps=3",
+        "train.log_every=1",
+        "eval=none",
+        "logger=none",
+        "data.budget=512",
+    ]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    r = run_cli(
+        [
+            f"hydra.run.dir={ddp}",
+            "hardware=cpu_ddp2",
+            "train.micro_batch_size=16",
+            "alignment.gather=true",
+            *common,
+        ],
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([f"hydra.run.dir={single}", "train.micro_batch_size=32", *common], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _records(ddp), _records(single)
+    assert len(a) == len(b) == 3
+    for key in ("loss", "align_loss"):
+        assert [x[key] for x in a] == pytest.approx([x[key] for x in b], rel=1e-4), key

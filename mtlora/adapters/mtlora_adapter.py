@@ -1,0 +1,198 @@
+"""mtLoRA (Tian, Ledent, Sun; ICLR 2026; ``docs/methods.md`` §6), component level, and its routing pieces.
+
+mtLoRA is HydraLoRA (shared ``A``, ``N`` expert heads ``B_i``, per-token router; §1) plus three parts:
+fine-grained routing (FGR, here), a balance loss (BLC, here), block-level placement
+(:mod:`mtlora.adapters.block`) and a spectral-aware regulariser (:mod:`mtlora.adapters.spectral`).
+
+Component layer (wraps an ``nn.Linear``):
+
+.. math::
+    h = W_0 x + s \\sum_{i=1}^{N} \\Pi_i(x) \\odot B_i\\, A\\, \\mathrm{drop}_i(x), \\qquad
+    \\pi(x) = \\mathrm{softmax}_{\\text{experts}}\\big(\\mathrm{reshape}_{g\\times N}(W_r x)\\big)
+
+* ``A ∈ R^{r×d_in}`` shared, ``B_i ∈ R^{d_out×r}`` (one parameter ``lora_B`` of shape ``(N, d_out, r)``),
+  ``s = α/r`` (``α/√r`` with ``use_rslora``); dropout placement as HydraLoRA (``dropout_place``).
+* **FGR [code]:** the bias-free router ``W_r ∈ R^{(N·g)×d_in}`` reads the un-dropped token ``x``; its
+  ``N·g`` logits are viewed as ``(g, N)`` (logit ``k·N + i`` = group ``k``, expert ``i``), softmax over the
+  experts **per group** (fp32, autocast off). ``Π_i(x) ∈ R^{d_out}`` repeats group ``k``'s weight
+  ``π_{k,i}`` over the ``group_size = d_out/g`` output dims ``[k·gs, (k+1)·gs)``. ``g = 1`` is HydraLoRA.
+  ``g`` comes from ``routing_group_size`` (the code's knob: ``g = d_out / routing_group_size``, must divide)
+  or, when that is null, from ``routing_groups`` (``g`` itself; model-independent, e.g. ``g = 2`` is the
+  paper's ``routing_group_size=2048`` on a 4096-wide model).
+* **BLC [code]:** ``p̄_i`` = mean routing probability of expert ``i`` over batch, tokens and groups;
+  ``cv² = Var(p̄) / (Mean(p̄)² + 1e-10)`` (unbiased variance, as ``torch.var`` in the code), computed in
+  training mode only, added as ``context.aux_losses["<layer>.balance"] = blc_alpha · cv² / L``
+  (``L = context.num_layers``) so that the loop's sum over layers is ``blc_alpha`` × the mean over layers.
+
+Computation without a loop over experts: ``u = π ⊗ z`` laid out as ``(…, g, N·r)`` and ``B`` viewed as
+``(g, group_size, N·r)``; one einsum gives ``(…, g, group_size)`` = ``(…, d_out)``.
+
+Init [code]: ``A``, ``W_r`` kaiming-uniform(a=√5), ``B_i = 0`` (output starts equal to the base). Token
+routing ⇒ not mergeable (``merge`` raises ``TypeError``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from mtlora.adapters.base import AdapterLayer, check_arg, is_int
+from mtlora.adapters.context import AdapterContext
+from mtlora.adapters.multihead import HydraLoraLinear
+
+
+def routing_groups_for(
+    name: str, d_out: int, routing_group_size: int | None, routing_groups: int | None
+) -> int:
+    """Number of routing groups ``g`` for an output of width ``d_out`` (see the module doc)."""
+    if routing_group_size is not None:
+        check_arg(
+            name,
+            "routing_group_size",
+            routing_group_size,
+            is_int(routing_group_size, 1) and d_out % routing_group_size == 0,
+            f"null or an integer >= 1 that divides the adapted output width {d_out}",
+        )
+        return d_out // routing_group_size
+    g = 1 if routing_groups is None else routing_groups
+    check_arg(
+        name,
+        "routing_groups",
+        g,
+        is_int(g, 1) and d_out % g == 0,
+        f"an integer >= 1 that divides the adapted output width {d_out}",
+    )
+    return g
+
+
+def check_blc_alpha(name: str, blc_alpha) -> float:
+    ok = isinstance(blc_alpha, int | float) and not isinstance(blc_alpha, bool) and blc_alpha >= 0
+    check_arg(name, "blc_alpha", blc_alpha, ok, "a number >= 0")
+    return float(blc_alpha)
+
+
+def group_router_probs(x: torch.Tensor, router: torch.Tensor, groups: int) -> torch.Tensor:
+    """``softmax`` over experts per group of the router logits ``W_r x``: ``(..., g, N)``, fp32, autocast off."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.linear(x.float(), router.float())
+        return torch.softmax(logits.unflatten(-1, (groups, -1)), dim=-1)
+
+
+def combine_experts(z: torch.Tensor, pi: torch.Tensor, lora_B: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """``Σ_i Π_i ⊙ B_i z_i`` in one einsum.
+
+    ``z``: ``(..., r)`` shared by the experts, or ``(..., N, r)`` one per expert (``per_head``); ``pi``:
+    ``(..., g, N)``; ``lora_B``: ``(N, d_out, r)``. Returns ``(..., d_out)`` in ``z``'s dtype."""
+    n, d_out, r = lora_B.shape
+    g = pi.shape[-2]
+    w = pi.to(z.dtype).unsqueeze(-1)  # (..., g, N, 1)
+    zz = z.unsqueeze(-3) if per_head else z[..., None, None, :]  # (..., 1, N, r) or (..., 1, 1, r)
+    u = (w * zz).flatten(-2)  # (..., g, N·r): column i·r + j of group k = π_{k,i} z_{i,j}
+    b = lora_B.to(z.dtype).view(n, g, d_out // g, r).permute(1, 2, 0, 3).reshape(g, d_out // g, n * r)
+    return torch.einsum("...gk,gok->...go", u, b).flatten(-2)
+
+
+def cv_squared(p: torch.Tensor) -> torch.Tensor:
+    """``Var(p) / (Mean(p)² + 1e-10)`` over the last dim (unbiased variance; 0 for one expert)."""
+    p = p.float()
+    if p.shape[-1] == 1:
+        return p.new_zeros(p.shape[:-1])
+    return p.var(dim=-1) / (p.mean(dim=-1) ** 2 + 1e-10)
+
+
+def add_balance_loss(layer: AdapterLayer, pi: torch.Tensor, blc_alpha: float) -> None:
+    """BLC of the routing probabilities ``pi`` (``(..., g, N)``) into ``context.aux_losses`` (training only)."""
+    if not layer.training or blc_alpha <= 0 or pi.shape[-1] == 1:
+        return
+    p_bar = pi.float().reshape(-1, pi.shape[-1]).mean(0)  # mean over batch, tokens and groups
+    layer.add_aux_loss("balance", blc_alpha * cv_squared(p_bar) / max(layer.context.num_layers, 1))
+
+
+class MtLoraLinear(HydraLoraLinear):
+    """mtLoRA component layer: HydraLoRA + fine-grained routing + BLC (module doc). Not mergeable.
+
+    Also the registry entry of ``adapter.method=mtlora``: :meth:`place_adapters` puts component layers or
+    block-level adapters (``adapter.placement``) into the model and registers the spectral regulariser."""
+
+    method = "mtlora"
+    defaults = {
+        **HydraLoraLinear.defaults,
+        "routing_group_size": None,
+        "routing_groups": 1,
+        "blc_alpha": 0.01,
+    }
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        name: str,
+        context: AdapterContext,
+        rank: int,
+        alpha: float,
+        num_heads: int,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dropout_place: str | None = None,
+        init: str | None = None,
+        init_scale: str | None = None,
+        stable_gamma: float | None = None,
+        init_offset: bool | None = None,
+        routing_group_size: int | None = None,
+        routing_groups: int | None = None,
+        blc_alpha: float | None = None,
+    ) -> None:
+        d = self.defaults
+        init = d["init"] if init is None else init
+        check_arg(name, "init", init, init == "zero_B", "'zero_B' (mtLoRA keeps HydraLoRA's zero-B init)")
+        routing_groups = d["routing_groups"] if routing_groups is None else routing_groups
+        groups = routing_groups_for(name, base_layer.out_features, routing_group_size, routing_groups)
+        blc_alpha = check_blc_alpha(name, d["blc_alpha"] if blc_alpha is None else blc_alpha)
+        super().__init__(
+            base_layer,
+            name,
+            context,
+            rank,
+            alpha,
+            num_heads,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            dropout_place=dropout_place,
+            init=init,
+            init_scale=init_scale,
+            stable_gamma=stable_gamma,
+            init_offset=init_offset,
+        )
+        self.groups = groups
+        self.blc_alpha = blc_alpha
+        if groups > 1:  # N·g router outputs (with g = 1 the layer is exactly HydraLoRA, same init draws)
+            dev = self.lora_A.device
+            self.lora_router = nn.Parameter(
+                torch.empty(num_heads * groups, self.in_features, device=dev, dtype=torch.float32)
+            )
+            if dev.type != "meta":
+                with torch.no_grad():
+                    nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
+
+    @classmethod
+    def place_adapters(cls, model: nn.Module, adapter_cfg: DictConfig, context: AdapterContext) -> list[str]:
+        """The :func:`mtlora.adapters.inject.inject_adapters` seam (see :func:`mtlora.adapters.block.place_mtlora`)."""
+        from mtlora.adapters.block import place_mtlora  # block.py imports this module
+
+        return place_mtlora(model, adapter_cfg, context, cls)
+
+    def router_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token, per-group expert weights ``(..., g, N)``, fp32 (autocast off)."""
+        return group_router_probs(x, self.lora_router, self.groups)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        z, per_head = self._head_inputs(x)  # (..., r) or, with per-head dropout, (..., N, r)
+        pi = self.router_weights(x)
+        add_balance_loss(self, pi, self.blc_alpha)
+        return combine_experts(z, pi, self.lora_B, per_head) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, routing_groups={self.groups}, blc_alpha={self.blc_alpha:g}"

@@ -1,0 +1,114 @@
+"""``python -m mtlora.diagnose run_dir=R [diagnostics=full] [diagnostics.which=[conflict]]``: diagnostics of a saved run.
+
+Loads the finished run with :func:`mtlora.load.load_run` and rebuilds its data from the run's own
+``config_resolved.yaml`` (same tasks, splits and seed), then runs the diagnostics of the ``diagnostics``
+config group (``default`` unless given; every one of its ``which``, the schedule keys are ignored) on the
+run's training rows (gradient conflict, routing) and held-out rows (divergence, t-SNE of representations).
+Writes into the run dir: records with ``"source": "diagnose"`` appended to ``metrics/diagnostics.jsonl``
+and plots under ``plots/diagnostics/`` (``*_diagnose_step<N>.png``). Nothing else is written: no Hydra
+output dir, no ``.hydra/``, no log file (as :mod:`mtlora.count`).
+
+Usage::
+
+    python -m mtlora.diagnose run_dir=outputs/train/runs/<run_name>/<date_time>_local_<pid>
+    python -m mtlora.diagnose run_dir=R diagnostics=full                  # t-SNE plots too
+    python -m mtlora.diagnose run_dir=R 'diagnostics.which=[conflict]' diagnostics.conflict.batches_per_task=8
+    python -m mtlora.diagnose run_dir=R device=cuda allow_incomplete=true
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mtlora.count import NO_OUTPUT_OVERRIDES
+from mtlora.utils.resolvers import register_resolvers
+
+register_resolvers()
+log = logging.getLogger("mtlora.diagnose")
+
+#: command-line keys that are not part of the train config (passed with a ``+``)
+EXTRA_KEYS = ("run_dir", "device", "allow_incomplete")
+
+
+def final_step(run_dir: Path) -> int:
+    """The run's last optimizer step: the last ``metrics/train.jsonl`` record, else ``meta.json``, else 0."""
+    train = run_dir / "metrics" / "train.jsonl"
+    if train.exists():
+        lines = [ln for ln in train.read_text().splitlines() if ln.strip()]
+        if lines:
+            return int(json.loads(lines[-1])["step"])
+    meta = run_dir / "meta.json"
+    if meta.exists():
+        return int(json.loads(meta.read_text()).get("total_steps") or 0)
+    return 0
+
+
+def diagnose(
+    run_dir: str | Path, diag_cfg: DictConfig, device: str = "cpu", allow_incomplete: bool = False
+) -> list[dict]:
+    """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written."""
+    from mtlora.data import build_data
+    from mtlora.diagnostics import DiagnosticsRunner
+    from mtlora.load import load_run
+    from mtlora.run.rundir import load_resolved_config
+
+    run_dir = Path(run_dir)
+    model, tokenizer = load_run(run_dir, device=device, allow_incomplete=allow_incomplete)
+    saved = load_resolved_config(run_dir)
+    data = build_data(saved.data, tokenizer, int(saved.model.max_seq_len))
+    runner = DiagnosticsRunner(
+        diag_cfg,
+        model,
+        data,
+        run_dir,
+        tracker=None,
+        seed=int(saved.get("seed", 0)),
+        source="diagnose",
+        method=str(saved.adapter.get("method")),
+    )
+    return runner.run(final_step(run_dir), "diagnose")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    run_dir = cfg.get("run_dir")
+    if not run_dir:
+        raise SystemExit("usage: python -m mtlora.diagnose run_dir=<run dir> [diagnostics=full] [...]")
+    records = diagnose(
+        run_dir, cfg.diagnostics, str(cfg.get("device") or "cpu"), bool(cfg.get("allow_incomplete"))
+    )
+    done = sorted({r["diagnostic"] for r in records})
+    print(
+        f"diagnostics {done} of {run_dir} -> {Path(run_dir) / 'metrics' / 'diagnostics.jsonl'}, "
+        f"plots in {Path(run_dir) / 'plots' / 'diagnostics'}",
+        flush=True,
+    )
+    print(OmegaConf.to_yaml(OmegaConf.create({r["diagnostic"]: _scalars(r) for r in records})), flush=True)
+
+
+def _scalars(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "seconds")}
+
+
+def with_defaults(argv: list[str]) -> list[str]:
+    """``argv`` with ``run_dir=``/``device=``/``allow_incomplete=`` as ``+`` additions, ``diagnostics=default``
+    unless a ``diagnostics=`` choice is given, and :data:`mtlora.count.NO_OUTPUT_OVERRIDES` for the keys it
+    does not set itself."""
+    args = [f"+{a}" if a.split("=", 1)[0] in EXTRA_KEYS else a for a in argv[1:]]
+    given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    extra = [f"{k}={v}" for k, v in NO_OUTPUT_OVERRIDES.items() if k not in given]
+    if "diagnostics" not in given:
+        extra.append("diagnostics=default")
+    return [argv[0], *extra, *args]
+
+
+if __name__ == "__main__":
+    sys.argv = with_defaults(sys.argv)
+    main()

@@ -1,0 +1,179 @@
+"""Plots of the diagnostics, written under ``<run_dir>/plots/diagnostics/`` (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _heatmap(ax, m, labels, title, vmin=None, vmax=None, cmap="coolwarm") -> None:
+    m = np.asarray(m, dtype=float)
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    if len(m) <= 10:
+        for i in range(len(m)):
+            for j in range(len(m)):
+                ax.text(
+                    j,
+                    i,
+                    "—" if not np.isfinite(m[i, j]) else f"{m[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                )
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+
+
+def plot_conflict(res: dict, out: Path, step: int) -> Path:
+    """Global T×T gradient-cosine heatmap and the mean off-diagonal cosine of every layer."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    m = np.array(res["matrix"], dtype=float)
+    _heatmap(
+        a,
+        m,
+        res["tasks"],
+        f"gradient cosine, step {step} (mean {res['mean']:.3f}, conflict {res['conflict_ratio']:.0%})",
+        -1,
+        1,
+    )
+    names = list(res["per_layer"])
+    vals = [np.nan if res["per_layer"][n]["mean"] is None else res["per_layer"][n]["mean"] for n in names]
+    b.barh(range(len(names)), vals, color=["tab:red" if v < 0 else "tab:blue" for v in np.nan_to_num(vals)])
+    b.set_yticks(range(len(names)), [n.replace("model.", "") for n in names], fontsize=6)
+    b.axvline(0, color="k", lw=0.8)
+    b.set_xlabel("mean off-diagonal cosine")
+    b.set_title("per layer", fontsize=9)
+    b.invert_yaxis()
+    return _save(fig, out)
+
+
+def plot_head_similarity(history: list[tuple[int, dict]], out: Path) -> Path:
+    """Mean inter-head cosine per layer (one panel per module kind, one curve per recorded step)."""
+    kinds = sorted({k for _, r in history for k in r["by_module"]})
+    fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(3.6 * (len(kinds) + 1), 3.4), dpi=110, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, kind in zip(axes[0], kinds):
+        for i, (step, r) in enumerate(history):
+            e = r["by_module"].get(kind)
+            if e is None:
+                continue
+            x = [j if li is None else li for j, li in enumerate(e["layer"])]
+            y = [np.nan if v is None else v for v in e["similarity"]]
+            ax.plot(x, y, "o-", ms=3, color=cmap(i / max(len(history) - 1, 1)), label=f"step {step}")
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean off-diagonal cosine")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    last = axes[0][-1]
+    pts = [(s, r["mean"]) for s, r in history if r.get("mean") is not None]
+    if pts:
+        last.plot(*zip(*pts), "o-")
+    last.set_title("mean over layers", fontsize=9)
+    last.set_xlabel("step")
+    last.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_scatter(xy, labels, title: str, out: Path) -> Path:
+    """2-D scatter (t-SNE) coloured by label."""
+    xy = np.asarray(xy)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
+    for lab in sorted(set(labels), key=str):
+        sel = np.array([lb == lab for lb in labels])
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=14, label=str(lab), alpha=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, markerscale=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, out)
+
+
+def plot_routing(res: dict, out: Path, step: int) -> Path:
+    """Mean routing weights per task (tasks × group·expert) of the middle routed layer, and entropy per layer."""
+    mid = res["middle_layer"]
+    per_task = res["layers"][mid]["per_task"]
+    tasks = list(per_task)
+    m = np.array([np.asarray(per_task[t]).reshape(-1) for t in tasks])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    im = a.imshow(m, aspect="auto", cmap="magma", vmin=0)
+    a.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    a.set_xlabel("expert (group-major)")
+    a.set_title(f"mean routing weights, {mid.replace('model.', '')}, step {step}", fontsize=8)
+    fig.colorbar(im, ax=a, fraction=0.046)
+    names = list(res["layers"])
+    b.plot(range(len(names)), [res["layers"][n]["entropy"] for n in names], "o-", label="entropy")
+    b.plot(range(len(names)), [res["layers"][n]["cv2"] for n in names], "s-", label="usage CV²")
+    b.set_xticks(
+        range(len(names)), [n.replace("model.", "") for n in names], rotation=60, ha="right", fontsize=6
+    )
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_spectral(res: dict, out: Path, step: int) -> Path:
+    """Cross-expert alignment share and SV importance per band, and the B spectra of every layer."""
+    bands = [f"{int(p0)}–{int(p1)}%" for p0, p1 in res["bands"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    x = np.arange(len(bands))
+    al = [np.nan if v is None else v for v in res["alignment_pct"]]
+    imp = [np.nan if v is None else 100 * v for v in res["sv_importance"]]
+    a.bar(x - 0.2, al, 0.4, label="cross-expert alignment (%)")
+    a.bar(x + 0.2, imp, 0.4, label="SV importance (%)")
+    a.set_xticks(x, bands)
+    a.set_title(f"SV bands, step {step}", fontsize=9)
+    a.legend(fontsize=7)
+    for e in res["spectra"].values():
+        sv = np.atleast_2d(np.asarray(e["B"], dtype=float))
+        b.plot(sv.mean(0), alpha=0.6, lw=1)
+    b.set_xlabel("SV index (descending)")
+    b.set_ylabel("σ of B (mean over heads)")
+    b.set_title("spectra, one line per layer", fontsize=9)
+    b.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_divergence(res: dict, out: Path, step: int) -> Path:
+    """Pairwise symmetric KL and MMD² between tasks (mean over layers)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    _heatmap(
+        a, res["kl_matrix"], res["tasks"], f"symmetric KL, step {step} (mean {res['kl']:.3g})", cmap="viridis"
+    )
+    _heatmap(b, res["mmd_matrix"], res["tasks"], f"MMD², step {step} (mean {res['mmd']:.3g})", cmap="viridis")
+    return _save(fig, out)
+
+
+def plot_scatter_grid(panels: list[tuple[str, np.ndarray, list]], out: Path, step: int) -> Path:
+    """Several 2-D scatters (t-SNE of each parameter group), each coloured by its labels."""
+    n = len(panels)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), dpi=100, squeeze=False)
+    for ax, (title, xy, labels) in zip(axes.ravel(), panels):
+        xy = np.asarray(xy)
+        for lab in sorted(set(labels), key=str):
+            sel = np.array([lb == lab for lb in labels])
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=14, label=str(lab), alpha=0.8)
+        ax.set_title(f"{title}, step {step}", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    return _save(fig, out)

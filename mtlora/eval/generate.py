@@ -1,0 +1,214 @@
+"""Batched greedy generation for evaluation: length-sorted batches under a token budget, left padding,
+KV cache, stop strings, task ids for task-aware adapters.
+
+``greedy_generate(model, tokenizer, prompts, max_new_tokens, stop=..., batch_tokens=..., task_ids=...)``
+returns one continuation per prompt (prompt excluded, in the order of ``prompts``), cut at the first EOS
+and at the earliest stop string.
+
+Our own decode loop rather than ``model.generate``: the loop is a few lines, gives exact control over
+what the equivalence test checks (position ids and attention mask under left padding, the cache, the
+per-row stop condition), ignores whatever sampling defaults a checkpoint's ``generation_config`` ships
+(Align-LoRA's harness is exposed to that), keeps ``model.adapter_context`` under our control for the whole
+batch, and matches stop strings on decoded text (``generate``'s token-level ``stop_strings`` needs the
+tokenizer's vocabulary and is fragile with byte-level tokenizers).
+
+Batching: prompts are tokenized, sorted by length (longest first, so an out-of-memory shows on the first
+batch), and cut into batches whose ``longest prompt x rows <= batch_tokens`` (and ``rows <=
+max_batch_size``); a prompt longer than the budget runs alone. Outputs are put back in input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def needs_task_ids(model: torch.nn.Module) -> bool:
+    """Whether some adapter layer of ``model`` reads ``context.task_ids`` (and is not merged)."""
+    return any(
+        getattr(m, "needs_task_ids", False) and not getattr(m, "merged", False) for m in model.modules()
+    )
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, max_batch_size: int | None = None
+) -> list[list[int]]:
+    """Indices of ``lengths`` sorted longest first, cut so that ``max(len) * rows <= batch_tokens``."""
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]  # sorted: the first row is the longest
+        full = max_batch_size is not None and len(cur) >= max_batch_size
+        if cur and (full or longest * (len(cur) + 1) > batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for v in (
+        tokenizer.eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list | tuple):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def truncate_at_first_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut at the earliest occurrence of any stop string; whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _row_task_ids(task_ids, rows: list[int], device) -> torch.Tensor | None:
+    if task_ids is None:
+        return None
+    if isinstance(task_ids, int):
+        return torch.full((len(rows),), task_ids, dtype=torch.long, device=device)
+    return torch.tensor([int(task_ids[i]) for i in rows], dtype=torch.long, device=device)
+
+
+def _forward_kwargs(model) -> tuple[str, dict]:
+    """The cache keyword of ``model.forward`` (transformers 5.x ``cache``; ``past_key_values`` before) and
+    ``logits_to_keep=1`` where supported (no full-vocabulary logits over the whole prompt)."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, stop, eos, pad, return_ids):
+    device = next(model.parameters()).device
+    n, width = len(ids), max(len(x) for x in ids)
+    input_ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for r, x in enumerate(ids):  # left padding: the last prompt token of every row is at column width-1
+        input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[r, width - len(x) :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out_tokens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    texts = [""] * n
+    cache = None
+    step_ids, step_pos = input_ids, position_ids
+    max_stop = max((len(s) for s in stop), default=0)
+    cache_kw, extra = _forward_kwargs(model)
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            use_cache=True,
+            **{cache_kw: cache},
+            **extra,
+        )
+        cache = getattr(out, cache_kw, None)
+        nxt = out.logits[:, -1, :].argmax(-1)
+        for r, t in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            if t in eos:
+                done[r] = True
+                continue
+            out_tokens[r].append(t)
+            if stop:
+                prev = len(texts[r])
+                texts[r] = tokenizer.decode(out_tokens[r], skip_special_tokens=True)
+                tail = texts[r][max(0, prev - max_stop) :]  # only new text can complete a stop string
+                if any(s and s in tail for s in stop):
+                    done[r] = True
+        if all(done):
+            break
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+    if return_ids:
+        return out_tokens
+    results = []
+    for toks in out_tokens:
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        results.append(truncate_at_first_stop(text, stop)[0] if stop else text)
+    return results
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    batch_tokens: int = 16384,
+    task_ids: int | Sequence[int] | None = None,
+    progress: bool = True,
+    max_batch_size: int | None = 64,
+    add_special_tokens: bool = True,
+    desc: str = "generate",
+    stats: dict | None = None,
+    return_ids: bool = False,
+) -> list[str] | list[list[int]]:
+    """Greedy continuations of ``prompts`` (see the module doc).
+
+    ``task_ids``: one training-task id for every prompt (int) or one per prompt; required when an unmerged
+    adapter layer needs task ids (a ``ValueError`` otherwise). ``stats``, when given, receives
+    ``batches`` (the number of batches) and ``batch_sizes``. ``return_ids``: the generated token ids
+    instead (EOS excluded; up to and including the token that completed a stop string).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stop = tuple(s for s in stop if s)
+    ctx = getattr(model, "adapter_context", None)
+    if needs_task_ids(model):
+        if task_ids is None:
+            raise ValueError(
+                "the model's adapter needs one task id per row (task-aware adapter, not merged); pass task_ids"
+            )
+    else:
+        task_ids = None
+    if task_ids is not None and not isinstance(task_ids, int) and len(task_ids) != len(prompts):
+        raise ValueError(f"task_ids has {len(task_ids)} entries for {len(prompts)} prompts")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    eos = _eos_ids(model, tokenizer)
+    enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    if any(len(x) == 0 for x in enc):
+        raise ValueError("a prompt tokenizes to zero tokens")
+    batches = plan_batches([len(x) for x in enc], batch_tokens, max_batch_size)
+    if stats is not None:
+        stats["batches"] = len(batches)
+        stats["batch_sizes"] = [len(b) for b in batches]
+    was_training = model.training
+    model.eval()
+    results: list[str | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(prompts), disable=not progress, desc=desc, dynamic_ncols=True)
+    try:
+        for rows in batches:
+            if ctx is not None:
+                ctx.begin(task_ids=_row_task_ids(task_ids, rows, device))
+            gens = _generate_batch(
+                model, tokenizer, [enc[i] for i in rows], max_new_tokens, stop, eos, pad, return_ids
+            )
+            for i, g in zip(rows, gens):
+                results[i] = g
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        if ctx is not None:
+            ctx.begin()
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,211 @@
+"""The ``heldin_gen`` evaluation suite: each training task's held-out rows, answered by greedy generation and
+scored with the task's own metric (:mod:`mtlora.eval.metrics`).
+
+Prompts are the held-out rows' ``prompt`` text exactly as training rendered it (same template; tokenized with
+the tokenizer's default special tokens, which is the prefix training puts in front of a prompt). Rows are
+generated together across tasks with :func:`mtlora.eval.generate.greedy_generate`, each row with its own
+task's id (task-aware adapters: mtl_lora, moelora, ...). Generation stops at EOS (training appends EOS to
+every target), after ``max_new_tokens``, or at a ``stop`` string. Unlike training, over-long prompts are not
+truncated.
+
+Metric per task: ``data.tasks.<task>.eval.metric`` (``exact | option | number | rouge_l``; ``exact`` when
+missing). The per-task ``score`` is the accuracy for exact/option/number and the mean ROUGE-L F1 for
+``rouge_l``; ``accuracy`` is the share of ``correct`` rows for every task (for ``rouge_l`` rows: exact match).
+
+Config (``eval.heldin_gen``, ``conf/eval/heldin_gen.yaml``): ``limit`` (first N held-out rows per task; null:
+all, already capped by the task's ``eval.max_examples``), ``max_new_tokens``, ``stop`` (list of strings),
+``batch_tokens``, ``max_batch_size``.
+
+Outputs under ``out_dir``: ``metrics/eval_heldin_gen.json`` (per task: metric, n, correct, accuracy, score;
+``macro`` = unweighted mean over tasks, ``micro`` = pooled over rows, each labelled),
+``metrics/eval_heldin_gen.csv`` / ``.md`` (per-task table plus macro and micro rows) and
+``predictions/heldin_gen/<task>.jsonl``: ``id`` (``<task>/<held-out row>``), ``prompt_sha1``, ``task_id``,
+``generation`` (raw), ``extracted``, ``target``, ``correct``, ``score``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtlora.errors import ConfigError
+from mtlora.eval import metrics
+from mtlora.eval.generate import greedy_generate
+from mtlora.eval.outputs import write_suite_outputs
+
+log = logging.getLogger(__name__)
+
+SUITE = "heldin_gen"
+DEFAULTS = {"limit": None, "max_new_tokens": 128, "stop": [], "batch_tokens": 16384, "max_batch_size": 64}
+MACRO_LABEL = "unweighted mean over tasks of the per-task score / accuracy"
+MICRO_LABEL = "pooled over all rows (score: accuracy or ROUGE-L F1 per row)"
+
+
+def resolve_settings(cfg: DictConfig | dict | None, defaults: dict, where: str) -> dict:
+    """``cfg`` over ``defaults``; unknown keys are a ConfigError naming ``where``."""
+    given = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def task_metrics(data_cfg: DictConfig, task_names: list[str]) -> dict[str, str]:
+    """``data.tasks.<task>.eval.metric`` of every task (``exact`` when missing), checked."""
+    out = {}
+    for name in task_names:
+        m = OmegaConf.select(data_cfg, f"tasks.{name}.eval.metric", default=None)
+        out[name] = metrics.check_metric(m, f"data.tasks.{name}.eval.metric")
+    return out
+
+
+def _summary(per_task: dict[str, dict], scores: dict[str, list[tuple[bool, float]]]) -> dict:
+    tasks = {}
+    for name, rows in scores.items():
+        n = len(rows)
+        c = sum(ok for ok, _ in rows)
+        tasks[name] = {
+            **per_task[name],
+            "n": n,
+            "correct": c,
+            "accuracy": c / n if n else 0.0,
+            "score": sum(v for _, v in rows) / n if n else 0.0,
+        }
+    n = sum(t["n"] for t in tasks.values())
+    k = max(len(tasks), 1)
+    return {
+        "tasks": tasks,
+        "macro": {
+            "score": sum(t["score"] for t in tasks.values()) / k,
+            "accuracy": sum(t["accuracy"] for t in tasks.values()) / k,
+            "n_tasks": len(tasks),
+            "label": MACRO_LABEL,
+        },
+        "micro": {
+            "score": sum(v for rows in scores.values() for _, v in rows) / max(n, 1),
+            "accuracy": sum(t["correct"] for t in tasks.values()) / max(n, 1),
+            "n": n,
+            "label": MICRO_LABEL,
+        },
+    }
+
+
+def run_heldin_gen(
+    model: torch.nn.Module,
+    tokenizer,
+    data,
+    data_cfg: DictConfig,
+    hg_cfg: DictConfig | dict | None,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict:
+    """Generate, score and write the held-in generation suite for ``data`` (a ``MultiTaskData``)."""
+    s = resolve_settings(hg_cfg, DEFAULTS, "eval.heldin_gen")
+    names = list(data.task_names)
+    metric_of = task_metrics(data_cfg, names)
+    items: list[dict] = []
+    for t, (name, ds) in enumerate(zip(names, data.eval)):
+        n = len(ds) if s["limit"] is None else min(len(ds), int(s["limit"]))
+        if n == 0:
+            raise ConfigError(f"heldin_gen: training task {name!r} has no held-out rows")
+        for i in range(n):
+            row = ds[i]
+            items.append(
+                {"task": name, "task_id": t, "index": i, "prompt": row["prompt"], "target": row["target"]}
+            )
+    gens = greedy_generate(
+        model,
+        tokenizer,
+        [it["prompt"] for it in items],
+        int(s["max_new_tokens"]),
+        stop=tuple(s["stop"] or ()),
+        batch_tokens=int(s["batch_tokens"]),
+        task_ids=[it["task_id"] for it in items],
+        progress=progress,
+        max_batch_size=s["max_batch_size"],
+        desc=SUITE,
+    )
+    scores: dict[str, list[tuple[bool, float]]] = {n: [] for n in names}
+    preds: dict[str, list[dict]] = {n: [] for n in names}
+    for it, gen in zip(items, gens):
+        m = metric_of[it["task"]]
+        ok, value = metrics.score(m, gen, it["target"])
+        scores[it["task"]].append((ok, value))
+        preds[it["task"]].append(
+            {
+                "id": f"{it['task']}/{it['index']}",
+                "prompt_sha1": hashlib.sha1(it["prompt"].encode()).hexdigest(),
+                "task_id": it["task_id"],
+                "generation": gen,
+                "extracted": metrics.extract(m, gen),
+                "target": it["target"],
+                "correct": bool(ok),
+                "score": value,
+            }
+        )
+    result = {
+        "suite": SUITE,
+        "settings": {k: s[k] for k in DEFAULTS},
+        **_summary({n: {"metric": metric_of[n]} for n in names}, scores),
+    }
+    note = (
+        "Held-in tasks, greedy generation; score = accuracy (exact / option / number) or mean ROUGE-L F1 "
+        f"(rouge_l); accuracy = share correct. macro = {MACRO_LABEL}; micro = {MICRO_LABEL}."
+    )
+    cols = ["task", "metric", "n", "correct", "accuracy", "score"]
+    write_suite_outputs(SUITE, result, cols, note, preds, out_dir)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    return (
+        f"held-in generation: macro score {result['macro']['score']:.4f} (accuracy "
+        f"{result['macro']['accuracy']:.4f}) over {result['macro']['n_tasks']} tasks, micro score "
+        f"{result['micro']['score']:.4f} over {result['micro']['n']} rows"
+    )
+
+
+def run_generation_suites(
+    eval_cfg: DictConfig,
+    run_cfg: DictConfig,
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: Path,
+    data=None,
+    task_names: list[str] | None = None,
+    tracker=None,
+    step: int | None = None,
+) -> dict:
+    """The ``heldin_gen`` and ``mmlu`` suites of ``eval_cfg.suites`` (for ``mtlora.evaluate`` and the end of
+    training). ``data``: the run's ``MultiTaskData`` (built from ``run_cfg.data`` when None)."""
+    results: dict = {}
+    suites = list(eval_cfg.suites)
+    if SUITE in suites:
+        if data is None:
+            from mtlora.data import build_data
+
+            data = build_data(run_cfg.data, tokenizer, int(run_cfg.model.max_seq_len))
+        results[SUITE] = run_heldin_gen(model, tokenizer, data, run_cfg.data, eval_cfg.get(SUITE), out_dir)
+    if "mmlu" in suites:
+        from mtlora.eval.mmlu import run_mmlu
+
+        names = task_names if task_names is not None else (data.task_names if data is not None else None)
+        results["mmlu"] = run_mmlu(model, tokenizer, eval_cfg.get("mmlu"), out_dir, task_names=names)
+    for name, r in results.items():
+        if name == SUITE:
+            line = summary_line(r)
+        else:
+            from mtlora.eval.mmlu import summary_line as mmlu_line
+
+            line = mmlu_line(r)
+        log.info("%s (tables in metrics/eval_%s.md)", line, name)
+        print(line, flush=True)
+        if tracker is not None:
+            vals = {f"{name}/macro": r["macro"]["score"], f"{name}/micro": r["micro"]["score"]}
+            tracker.log({f"eval/{k}": v for k, v in vals.items()}, step)
+            tracker.summary({f"final/{k}": v for k, v in vals.items()})
+    return results

@@ -1,0 +1,154 @@
+"""``python -m mtlora.evaluate``: run the evaluation suites of ``eval=`` on a finished run or a base model.
+
+Composes the same config as ``python -m mtlora.train`` (``conf/train.yaml``); only its ``eval`` group is
+used when a run dir is given (the model, adapter and data come from the run's ``config_resolved.yaml``).
+
+Usage::
+
+    python -m mtlora.evaluate run_dir=R eval=bbh                          # outputs into R
+    python -m mtlora.evaluate run_dir=R eval=bbh eval/bbh=align_lora eval.bbh.limit=20 out=DIR
+    python -m mtlora.evaluate adapter=none model=qwen2.5-7b eval=bbh out=DIR   # base-model baseline
+
+Suites: ``heldin`` (teacher-forced held-out rows of the run's training tasks, or of ``data=`` for the
+base model; writes ``metrics/eval_heldin.json`` / ``.md``, replacing the training-time files when written
+into the run dir), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``mmlu``
+(:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
+Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
+``device=cpu|cuda``, ``adapter=none``. Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
+only the eval outputs are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtlora.errors import ConfigError
+from mtlora.utils.resolvers import register_resolvers
+
+register_resolvers()
+log = logging.getLogger("mtlora.evaluate")
+
+SUITES = ("heldin", "bbh", "heldin_gen", "mmlu")
+#: see mtlora.count: evaluating writes no Hydra output
+NO_OUTPUT_OVERRIDES = {
+    "hydra.run.dir": ".",
+    "hydra.output_subdir": "null",
+    "hydra/job_logging": "none",
+    "hydra/hydra_logging": "none",
+}
+#: our own options, taken off the command line before Hydra sees it
+OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device")
+
+
+def _write_heldin(result: dict, out: Path) -> None:
+    from mtlora.run.metrics import markdown_table
+
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    (out / "metrics" / "eval_heldin.json").write_text(json.dumps(result, indent=2))
+    table = [{"task": t, **m} for t, m in result["tasks"].items()]
+    table += [{"task": "macro", **result["macro"]}, {"task": "micro", **result["micro"]}]
+    (out / "metrics" / "eval_heldin.md").write_text(
+        markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n"
+    )
+
+
+def evaluate(cfg: DictConfig, opts: dict) -> dict:
+    """Run ``cfg.eval.suites`` for ``opts`` (run_dir / out / adapter_none / allow_incomplete / device)."""
+    from mtlora.eval.bbh_suite import run_bbh, summary_line
+
+    suites = list(cfg.eval.suites)
+    unknown = [s for s in suites if s not in SUITES]
+    if not suites or unknown:
+        raise ConfigError(
+            f"eval.suites={suites}: must be a non-empty list drawn from {list(SUITES)} (e.g. eval=bbh)"
+        )
+    device = torch.device(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir = opts.get("run_dir")
+    if run_dir:
+        from mtlora.load import load_run
+        from mtlora.run.rundir import load_resolved_config
+
+        run_dir = Path(run_dir)
+        model, tokenizer = load_run(
+            run_dir, device=device, allow_incomplete=bool(opts.get("allow_incomplete"))
+        )
+        run_cfg = load_resolved_config(run_dir)
+        names_file = run_dir / "adapter" / "adapter_config.json"
+        task_names = json.loads(names_file.read_text()).get("task_names") if names_file.exists() else None
+        out = Path(opts.get("out") or run_dir)
+    elif opts.get("adapter_none"):
+        if not opts.get("out"):
+            raise ConfigError("adapter=none (base-model evaluation) needs out=DIR for the outputs")
+        from mtlora.models import build_model, build_tokenizer
+
+        model, tokenizer = build_model(cfg.model).to(device).eval(), build_tokenizer(cfg.model)
+        run_cfg, task_names, out = cfg, None, Path(opts["out"])
+    else:
+        raise ConfigError("give run_dir=<run dir> (a trained run) or adapter=none model=<preset> out=DIR")
+    results: dict = {}
+    if "heldin" in suites:
+        from mtlora.data import build_data
+        from mtlora.eval.heldin import evaluate_heldin
+
+        if getattr(model, "adapter_context", None) is None:
+            from mtlora.adapters import AdapterContext
+
+            object.__setattr__(model, "adapter_context", AdapterContext())  # heldin sets task ids on it
+        data = build_data(run_cfg.data, tokenizer, int(run_cfg.model.max_seq_len))
+        r = evaluate_heldin(
+            model, data, int(cfg.eval.batch_size), cfg.eval.get("max_examples_per_task"), device
+        )
+        results["heldin"] = {"suite": "heldin", **r}
+        _write_heldin(results["heldin"], out)
+        log.info("held-out eval: macro exact match %.4f", r["macro"]["exact_match"])
+    if "bbh" in suites:
+        r = run_bbh(model, tokenizer, cfg.eval.bbh, out, task_names=task_names)
+        results["bbh"] = r
+        log.info("%s", summary_line(r))
+        print(summary_line(r), flush=True)
+    if {"heldin_gen", "mmlu"} & set(suites):  # mtlora.eval.heldin_gen / mtlora.eval.mmlu
+        from mtlora.eval.heldin_gen import run_generation_suites
+
+        results.update(run_generation_suites(cfg.eval, run_cfg, model, tokenizer, out, task_names=task_names))
+    print(f"eval outputs written to {out}", flush=True)
+    return results
+
+
+_OPTS: dict = {}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    log.info("eval config:\n%s", OmegaConf.to_yaml(cfg.eval))
+    evaluate(cfg, _OPTS)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], dict]:
+    """(argv for Hydra with :data:`NO_OUTPUT_OVERRIDES`, our own options)."""
+    opts: dict = {}
+    rest = [argv[0]]
+    for a in argv[1:]:
+        key, sep, value = a.partition("=")
+        if sep and key in OWN_KEYS:
+            opts[key] = value if key != "allow_incomplete" else value.lower() in ("1", "true", "yes")
+        elif a == "adapter=none":
+            opts["adapter_none"] = True
+        else:
+            rest.append(a)
+    given = {a.split("=", 1)[0].lstrip("+~") for a in rest[1:] if "=" in a}
+    extra = [f"{k}={v}" for k, v in NO_OUTPUT_OVERRIDES.items() if k not in given]
+    return [rest[0], *extra, *rest[1:]], opts
+
+
+if __name__ == "__main__":
+    sys.argv, opts = split_argv(sys.argv)
+    _OPTS.update(opts)
+    main()

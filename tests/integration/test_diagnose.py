@@ -1,0 +1,127 @@
+"""Diagnostics during training (same losses, scheduled records) and ``python -m mtlora.diagnose`` on a saved run."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mtlora.diagnose import with_defaults
+from mtlora.diagnostics import DiagnosticsRunner
+from mtlora.load import load_run
+from mtlora.train import run
+from tests.helpers.compose import REPO, compose_train, run_module
+from tests.helpers.training import SHORT_RUN, logged, train_tiny
+
+HYDRA = [*SHORT_RUN, "adapter=hydralora"]  # dropout 0.05: a consumed RNG draw would change the losses
+ALL = {"heads", "conflict", "spectral", "routing", "divergence"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same six-step HydraLoRA run without diagnostics and with ``diagnostics=default`` every 2 steps
+    (the latter through ``mtlora.train.run``: a complete run dir that ``load_run`` accepts)."""
+    tmp = tmp_path_factory.mktemp("diag")
+    plain = train_tiny(tmp, "none", HYDRA)
+    d = tmp / "default"
+    run(compose_train([*HYDRA, "diagnostics=default", "diagnostics.every_steps=2"], run_dir=d), d)
+    return {"none": plain, "default": d}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics" / "diagnostics.jsonl").read_text().splitlines()]
+
+
+def _is_png(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnostics_do_not_change_the_training_losses(runs) -> None:
+    assert not (runs["none"] / "metrics" / "diagnostics.jsonl").exists()
+    assert logged(runs["default"]) == logged(runs["none"])  # exactly: same RNG stream, same train mode
+    assert logged(runs["default"], "task_loss") == logged(runs["none"], "task_loss")
+
+
+def test_records_are_written_at_the_scheduled_steps(runs) -> None:
+    by_step: dict[int, set[str]] = defaultdict(set)
+    for r in _records(runs["default"]):
+        assert r["source"] == "train" and r["seconds"] >= 0
+        by_step[r["step"]].add(r["diagnostic"])
+        assert r["event"] == {0: "init", 6: "end"}.get(r["step"], "step")
+    assert dict(by_step) == {0: ALL, 2: {"heads", "routing"}, 4: {"heads", "routing"}, 6: ALL}
+    recs = {(r["step"], r["diagnostic"]): r for r in _records(runs["default"])}
+    assert recs[(0, "heads")]["mean"] is None  # HydraLoRA's B heads start at zero: no cosine
+    assert 0 < recs[(6, "heads")]["mean"] <= 1
+    assert len(recs[(6, "conflict")]["matrix"]) == 4 and recs[(6, "conflict")]["tasks"][0] == "arithmetic"
+    assert 0 < recs[(6, "routing")]["entropy"] <= 1.3863  # ≤ log(4 heads)
+    assert recs[(6, "divergence")]["kl"] > 0 and recs[(6, "divergence")]["mmd"] > 0
+    assert len(recs[(6, "spectral")]["alignment_pct"]) == 3
+    plots = runs["default"] / "plots" / "diagnostics"
+    assert not list(plots.glob("*_init_step0.png"))  # default plot_at: [end] (the end plots show the history)
+    for name in (
+        "conflict_end_step6.png",
+        "head_similarity.png",
+        "routing_end_step6.png",
+        "spectral_end_step6.png",
+    ):
+        assert _is_png(plots / name), name
+
+
+def test_a_diagnostics_run_leaves_rng_and_mode_untouched(runs, tmp_path) -> None:
+    model, _ = load_run(runs["default"])
+    model.train()
+    from mtlora.data import build_data
+    from mtlora.models import build_tokenizer
+
+    cfg = OmegaConf.load(runs["default"] / "config_resolved.yaml")
+    data = build_data(cfg.data, build_tokenizer(cfg.model), int(cfg.model.max_seq_len))
+    dcfg = compose_train(["diagnostics=default", "diagnostics.plots=false"]).diagnostics
+    state = torch.get_rng_state()
+    recs = DiagnosticsRunner(dcfg, model, data, tmp_path, seed=0).run(6, "end")
+    assert {r["diagnostic"] for r in recs} == ALL
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_with_defaults_adds_the_no_output_overrides() -> None:
+    argv = with_defaults(["diagnose", "run_dir=R", "diagnostics.which=[conflict]"])
+    assert "+run_dir=R" in argv and "hydra.output_subdir=null" in argv and "hydra.run.dir=." in argv
+    assert "diagnostics=default" in argv
+    assert "diagnostics=default" not in with_defaults(["diagnose", "run_dir=R", "diagnostics=full"])
+
+
+def test_diagnose_cli_writes_every_diagnostic_and_the_plots(runs, tmp_path) -> None:
+    d = runs["default"]
+    before = len(_records(d))
+    small = [
+        "diagnostics.conflict.batches_per_task=1",
+        "diagnostics.divergence.max_examples_per_task=16",
+        "diagnostics.routing.max_examples_per_task=8",
+        "diagnostics.tsne.perplexity=5",
+    ]
+    res = run_module(
+        "mtlora.diagnose",
+        [f"run_dir={d}", "diagnostics=full", *small],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    new = _records(d)[before:]
+    assert {r["diagnostic"] for r in new} == ALL | {"tsne"}
+    assert all(r["source"] == "diagnose" and r["event"] == "diagnose" and r["step"] == 6 for r in new)
+    tsne = next(r for r in new if r["diagnostic"] == "tsne")
+    assert len(tsne["representations"]["xy"]) == 4 * 16 and tsne["parameters"]
+    conflict = next(r for r in new if r["diagnostic"] == "conflict")
+    assert conflict["batches_per_task"] == {t: 1 for t in conflict["tasks"]}
+    plots = d / "plots" / "diagnostics"
+    for kind in ("conflict", "routing", "spectral", "divergence", "tsne_parameters", "tsne_representations"):
+        assert _is_png(plots / f"{kind}_diagnose_step6.png"), kind
+    assert _is_png(plots / "head_similarity_diagnose.png")
+    assert list(tmp_path.iterdir()) == []  # no Hydra output dir, .hydra/ or log file in the cwd
+    assert not (d / ".hydra").exists() and not list(d.glob("*.log"))

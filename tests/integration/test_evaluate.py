@@ -1,0 +1,193 @@
+"""BBH end to end: a tiny trained run evaluated by ``python -m mtlora.evaluate run_dir=R eval=bbh``, the
+end-of-training ``eval=bbh`` hook, the outputs (json / csv / md / predictions), scoring, task-id policy and
+the missing-data error."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlora.config import validate_config
+from mtlora.errors import ConfigError, DataError
+from mtlora.eval import bbh, bbh_suite
+from mtlora.eval.bbh_suite import resolve_settings, resolve_task_id, run_bbh
+from mtlora.load import load_run
+from mtlora.models import build_model, build_tokenizer
+from mtlora.run.rundir import finish, save_resolved_config
+from mtlora.training.loop import run_training
+from tests.helpers.compose import CONF, REPO, compose_train, run_module
+from tests.helpers.training import SHORT_RUN
+
+TASKS = ["navigate", "snarks", "word_sorting"]  # binary, multiple choice, free text
+BASE = [o for o in SHORT_RUN if not o.startswith("eval=")] + ["train.max_steps=3"]
+
+
+def _train(tmp_path: Path, name: str, overrides: list[str]) -> Path:
+    """What ``python -m mtlora.train`` does around the loop: resolved config, train, COMPLETED."""
+    d = tmp_path / name
+    d.mkdir()
+    cfg = compose_train(overrides, run_dir=d)
+    validate_config(cfg)
+    save_resolved_config(cfg, d)
+    run_training(cfg, d)
+    finish(d, True)
+    return d
+
+
+@torch.no_grad()
+def _greedy_forward(model, tok, prompt: str, n_new: int) -> str:
+    ids, out = tok(prompt)["input_ids"], []
+    for _ in range(n_new):
+        t = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        if t == tok.eos_token_id:
+            break
+        out.append(t)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
+    # training with eval=bbh runs the suite at the end (here protocol lmeval_fewshot, 1 example)
+    over = [*BASE, "eval=bbh", "eval/bbh=lmeval_fewshot", "eval.bbh.limit=1", "eval.bbh.tasks=[navigate]"]
+    run = _train(tmp_path, "run", [*over, "eval.bbh.max_new_tokens=4", "eval.max_examples_per_task=2"])
+    m = json.loads((run / "metrics" / "eval_bbh_lmeval_fewshot.json").read_text())
+    assert m["protocol"] == "lmeval_fewshot" and m["tasks"]["navigate"]["n"] == 1
+    assert m["settings"]["stop"] == ["</s>", "Q", "\n\n"] and m["settings"]["max_new_tokens"] == 4
+    assert (run / "predictions" / "bbh_lmeval_fewshot" / "navigate.jsonl").exists()
+    assert (run / "metrics" / "eval_heldin.json").exists()  # eval=bbh keeps the held-in suite
+
+    # standalone: python -m mtlora.evaluate run_dir=R eval=bbh (default protocol mtlora_direct)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = {p.relative_to(run) for p in run.rglob("*")}
+    res = run_module(
+        "mtlora.evaluate",
+        ["eval=bbh", f"run_dir={run}", "eval.bbh.limit=2", f"eval.bbh.tasks=[{','.join(TASKS)}]"]
+        + ["eval.max_examples_per_task=4"],
+        cwd=cwd,  # outside the repo: the package comes from PYTHONPATH
+        timeout=300,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "BBH mtlora_direct: macro" in res.stdout
+    # nothing Hydra-related anywhere: only the eval outputs are new in the run dir, nothing in the cwd
+    new = {str(p.relative_to(run)) for p in run.rglob("*")} - {str(p) for p in before}
+    assert new == {
+        *(f"metrics/eval_bbh_mtlora_direct.{ext}" for ext in ("json", "csv", "md")),
+        "predictions/bbh_mtlora_direct",
+        *(f"predictions/bbh_mtlora_direct/{t}.jsonl" for t in TASKS),
+    }
+    assert list(cwd.iterdir()) == []
+
+    m = json.loads((run / "metrics" / "eval_bbh_mtlora_direct.json").read_text())
+    assert m["protocol"] == "mtlora_direct" and list(m["tasks"]) == TASKS
+    assert all(t["n"] == 2 for t in m["tasks"].values())
+    assert "papers" in m["macro"]["label"] and "lm-eval" in m["micro"]["label"] and m["micro"]["n"] == 6
+    assert m["settings"]["max_new_tokens"] == 32 and m["settings"]["limit"] == 2
+    assert json.loads((run / "metrics" / "eval_heldin.json").read_text())["suite"] == "heldin"
+    rows = list(csv.DictReader((run / "metrics" / "eval_bbh_mtlora_direct.csv").open()))
+    assert [r["task"] for r in rows] == [*TASKS, "macro", "micro"]
+    md = (run / "metrics" / "eval_bbh_mtlora_direct.md").read_text()
+    assert "| navigate | 2 |" in md and "| macro |" in md and "| micro |" in md
+
+    model, tok = load_run(run)
+    for task in TASKS:
+        _, examples = bbh.load_task(task, protocol="mtlora_direct")
+        lines = [json.loads(x) for x in (run / "predictions" / "bbh_mtlora_direct" / f"{task}.jsonl").open()]
+        assert [x["id"] for x in lines] == [f"{task}/3", f"{task}/4"]  # demos = examples 0..2
+        correct = []
+        for x, ex in zip(lines, examples):
+            assert x["target"] == ex["target"]
+            assert x["correct"] == bbh.score("mtlora_direct", task, x["generation"], x["target"])
+            assert x["extracted"] == bbh.extract("mtlora_direct", task, x["generation"])
+            correct.append(x["correct"])
+        assert m["tasks"][task]["correct"] == sum(correct)
+    # the saved generation is the forward-pass greedy decode of the loaded run (no cache, no batching)
+    x = json.loads((run / "predictions" / "bbh_mtlora_direct" / "navigate.jsonl").open().readline())
+    prompt = bbh.build_prompt("mtlora_direct", "navigate", bbh.load_task("navigate")[1][0]["input"])
+    assert x["generation"] == _greedy_forward(model, tok, prompt, 32)
+
+
+def test_scores_and_macro_micro_from_known_generations(tmp_path: Path, monkeypatch) -> None:
+    # generations replaced by the target for snarks and by nonsense for navigate: 100 % and 0 %
+    def fake(model, tok, prompts, max_new_tokens, **kw):
+        return [
+            next(e["target"] for e in ex if e["input"] in p) if "sarcastic" in p else "???" for p in prompts
+        ]
+
+    ex = bbh.load_task("snarks", protocol="lmeval_fewshot")[1][:3]
+    monkeypatch.setattr(bbh_suite, "greedy_generate", fake)
+    cfg = {"protocol": "lmeval_fewshot", "tasks": ["snarks", "navigate"], "limit": 3}
+    m = run_bbh(torch.nn.Linear(1, 1), None, cfg, tmp_path, progress=False)
+    assert m["tasks"]["snarks"]["accuracy"] == 1.0 and m["tasks"]["navigate"]["accuracy"] == 0.0
+    assert m["macro"]["accuracy"] == 0.5 and m["micro"]["accuracy"] == 0.5
+    lines = [json.loads(x) for x in (tmp_path / "predictions" / "bbh_lmeval_fewshot" / "snarks.jsonl").open()]
+    assert [x["correct"] for x in lines] == [True] * 3 and lines[0]["target"] == ex[0]["target"]
+
+
+def test_missing_data_dir_names_path_env_and_hub_id(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MTLORA_DATA_DIR", str(tmp_path / "nowhere"))
+    cfg = compose_train(["eval=bbh"], run_dir=tmp_path)
+    with pytest.raises(ConfigError) as e:  # caught by validation, before training starts
+        validate_config(cfg)
+    with pytest.raises(DataError) as e2:
+        run_bbh(torch.nn.Linear(1, 1), None, {"tasks": ["navigate"]}, tmp_path, progress=False)
+    for msg in (str(e.value), str(e2.value)):
+        assert str(tmp_path / "nowhere" / "bbh") in msg and "MTLORA_DATA_DIR" in msg and "lukaemon/bbh" in msg
+    with pytest.raises(ConfigError, match="unknown BBH task 'navigat'"):
+        resolve_settings({"tasks": ["navigat"]})
+
+
+def test_task_id_policy_for_task_aware_adapters(tmp_path: Path) -> None:
+    from mtlora.adapters import inject_adapters
+
+    cfg = compose_train(["adapter=mtl_lora"], run_dir=tmp_path)
+    model = build_model(cfg.model)
+    inject_adapters(model, cfg.adapter)
+    names = list(cfg.data.tasks)
+    with pytest.raises(ConfigError, match="eval.bbh.task_id=null"):
+        resolve_task_id(model, None, names)
+    assert resolve_task_id(model, names[1], names) == 1 and resolve_task_id(model, 0, names) == 0
+    with pytest.raises(ConfigError):
+        resolve_task_id(model, len(names), names)
+    assert resolve_task_id(build_model(cfg.model), None, names) is None  # plain model: no task ids
+
+
+def test_protocol_presets_match_the_library_and_validate(tmp_path: Path) -> None:
+    presets = sorted(p.stem for p in (CONF / "eval" / "bbh").glob("*.yaml"))
+    assert presets == sorted(bbh.PROTOCOLS)
+    for name in presets:
+        cfg = compose_train(["eval=bbh", f"eval/bbh={name}"], run_dir=tmp_path)
+        validate_config(cfg)
+        dec = bbh.PROTOCOLS[name].decode
+        assert cfg.eval.bbh.protocol == name and cfg.eval.bbh.max_new_tokens == dec.max_new_tokens
+        assert list(cfg.eval.bbh.stop) == list(dec.stop)
+    for bad, key in (
+        ("eval.bbh.protocol=nope", "eval.bbh.protocol"),
+        ("eval.bbh.tasks=[nope]", "eval.bbh.tasks"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            validate_config(compose_train(["eval=bbh", bad], run_dir=tmp_path))
+    assert build_tokenizer(cfg.model).padding_side == "right"  # generation pads left itself
+
+
+def test_base_model_baseline_and_command_line_options(tmp_path: Path) -> None:
+    from mtlora.evaluate import evaluate, split_argv
+
+    argv, opts = split_argv(
+        ["prog", "adapter=none", "model=tiny", "eval=bbh", f"out={tmp_path}", "run_dir=R"]
+    )
+    assert opts == {"adapter_none": True, "out": str(tmp_path), "run_dir": "R"}
+    assert "adapter=none" not in argv and "model=tiny" in argv and "hydra.output_subdir=null" in argv
+    cfg = compose_train(["eval=bbh", "eval.suites=[bbh]", "eval.bbh.tasks=[navigate]", "eval.bbh.limit=1"])
+    res = evaluate(cfg, {"adapter_none": True, "out": str(tmp_path)})
+    assert (
+        res["bbh"]["micro"]["n"] == 1 and (tmp_path / "predictions/bbh_mtlora_direct/navigate.jsonl").exists()
+    )
+    with pytest.raises(ConfigError, match="out=DIR"):
+        evaluate(cfg, {"adapter_none": True})
+    with pytest.raises(ConfigError, match="eval.suites"):
+        evaluate(compose_train(["eval=none"]), {"adapter_none": True, "out": str(tmp_path)})

@@ -1,0 +1,160 @@
+"""Batched greedy generation (mtlora.eval.generate) equals a plain one-prompt-at-a-time forward-pass greedy
+loop without cache: left padding, KV cache, task ids, merged adapters, stop strings, token budget, order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtlora.adapters import inject_adapters, merge_adapters
+from mtlora.eval.generate import greedy_generate, needs_task_ids, plan_batches
+from mtlora.models import build_model, build_tokenizer
+from tests.helpers.compose import compose_train
+
+# deliberately not sorted by length (order must be restored) and of very different lengths (left padding)
+PROMPTS = [
+    "Q: 12+7=",
+    "A much longer prompt, with more text in it: which way is north? A:",
+    "x",
+    "Sort the words: pear apple fig\nA:",
+    "Is the following sentence plausible? Joao Moutinho caught the screen pass. A:",
+]
+N_NEW = 8
+
+
+def _model(tmp_path, overrides=()):
+    cfg = compose_train(list(overrides), run_dir=tmp_path)
+    tok = build_tokenizer(cfg.model)
+    model = build_model(cfg.model)
+    if overrides:
+        inject_adapters(model, cfg.adapter)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # non-zero adapter weights so that the adapter (and the task id) matters
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def _reference(model, tok, prompt, n_new, task_id=None):
+    """Greedy, one prompt, full forward pass per token, no cache, no padding."""
+    ids = tok(prompt)["input_ids"]
+    out: list[int] = []
+    ctx = getattr(model, "adapter_context", None)
+    for _ in range(n_new):
+        if ctx is not None:
+            ctx.begin(task_ids=None if task_id is None else torch.tensor([task_id]))
+        t = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        if t == tok.eos_token_id:
+            break
+        out.append(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _model(tmp_path_factory.mktemp("gen"))
+
+
+@pytest.fixture(scope="module")
+def ref_ids(tiny):
+    return [_reference(*tiny, p, N_NEW) for p in PROMPTS]
+
+
+def test_batched_left_padded_cached_equals_forward_loop(tiny, ref_ids):
+    model, tok = tiny
+    stats: dict = {}
+    got = greedy_generate(
+        model, tok, PROMPTS, N_NEW, batch_tokens=10**6, progress=False, stats=stats, return_ids=True
+    )
+    assert stats["batches"] == 1  # all five prompts in one left-padded batch
+    ref = ref_ids
+    assert got == ref
+    assert len({tuple(r) for r in ref}) > 1  # the prompts do give different continuations
+    # RoPE hides a constant position offset per row, so check the ids the model is given directly:
+    # prefill counts from 0 at each row's first real token, then every step adds one
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    try:
+        texts = greedy_generate(model, tok, PROMPTS, N_NEW, batch_tokens=10**6, progress=False)
+    finally:
+        hook.remove()
+    lengths = [len(tok(p)["input_ids"]) for p in PROMPTS]
+    order = sorted(range(len(PROMPTS)), key=lambda i: -lengths[i])
+    for row, i in enumerate(order):
+        assert seen[0][row, -lengths[i] :].tolist() == list(range(lengths[i]))
+        assert [int(s[row, -1]) for s in seen[1:3]] == [lengths[i], lengths[i] + 1]
+    assert texts == [tok.decode(r, skip_special_tokens=True) for r in ref]
+
+
+def test_token_budget_splits_batches_and_restores_order(tiny, ref_ids):
+    model, tok = tiny
+    lengths = [len(tok(p)["input_ids"]) for p in PROMPTS]
+    budget = max(lengths) + 1  # the longest prompt alone; shorter ones pair up while longest*rows fits
+    expected = plan_batches(lengths, budget)
+    assert all(max(lengths[i] for i in b) * len(b) <= budget or len(b) == 1 for b in expected)
+    assert sorted(i for b in expected for i in b) == list(range(len(PROMPTS)))
+    assert [lengths[b[0]] for b in expected] == sorted((lengths[b[0]] for b in expected), reverse=True)
+    stats: dict = {}
+    got = greedy_generate(
+        model, tok, PROMPTS, N_NEW, batch_tokens=budget, progress=False, stats=stats, return_ids=True
+    )
+    assert stats["batches"] == len(expected) > 2
+    assert got == ref_ids  # back in input order
+
+
+def test_plan_batches_budget_and_cap():
+    assert plan_batches([10, 30, 20, 5], 60) == [[1, 2], [0, 3]]  # 30*2<=60, then 10*2
+    assert plan_batches([10, 30, 20, 5], 29) == [[1], [2], [0, 3]]  # a too-long prompt runs alone
+    assert plan_batches([1] * 5, 100, max_batch_size=2) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        plan_batches([1], 0)
+
+
+def test_stop_strings_truncate_and_stop_early(tiny):
+    model, tok = tiny
+    full = greedy_generate(model, tok, PROMPTS, 24, progress=False)
+    full_ids = greedy_generate(model, tok, PROMPTS, 24, progress=False, return_ids=True)
+    # a stop string taken from the middle of a continuation: an ASCII character first seen at position >= 2
+    k, text, stop = next(
+        (k, t, c)
+        for k, t in enumerate(full)
+        for i, c in enumerate(t)
+        if i >= 2 and c.isascii() and c not in t[:i]
+    )
+    cut = text[: text.find(stop)]
+    got = greedy_generate(model, tok, PROMPTS, 24, stop=(stop,), progress=False)
+    assert got[k] == cut and len(cut) < len(text)
+    for g, f in zip(got, full):  # every row is cut at its first stop string (or not at all)
+        assert g == (f[: f.find(stop)] if stop in f else f)
+    ids = greedy_generate(model, tok, PROMPTS, 24, stop=(stop,), progress=False, return_ids=True)
+    assert len(ids[k]) < len(full_ids[k])  # generation of that row stopped early
+    # with a stop string every row hits, the whole batch stops early (ids end at the stop token)
+    assert tok.decode(ids[k], skip_special_tokens=True).endswith(stop)
+
+
+def test_task_aware_adapter_gets_per_row_task_ids(tmp_path):
+    model, tok = _model(tmp_path, ["adapter=mtl_lora"])
+    assert needs_task_ids(model)
+    prompts, task_ids, n_new = PROMPTS[:3], [2, 0, 1], 6  # mixed lengths and mixed tasks in one batch
+    got = greedy_generate(model, tok, prompts, n_new, task_ids=task_ids, progress=False, return_ids=True)
+    ref = [_reference(model, tok, p, n_new, t) for p, t in zip(prompts, task_ids)]
+    assert got == ref
+    # the task id matters: the same prompts under one task id for every row give other continuations
+    single = greedy_generate(model, tok, prompts, n_new, task_ids=1, progress=False, return_ids=True)
+    assert single[2] == ref[2] and single != ref
+    assert single[0] == _reference(model, tok, prompts[0], n_new, 1)
+    with pytest.raises(ValueError, match="task id"):
+        greedy_generate(model, tok, prompts, n_new, progress=False)
+
+
+def test_merged_adapter_generates_like_unmerged(tmp_path):
+    model, tok = _model(tmp_path, ["adapter=lora"])
+    unmerged = greedy_generate(model, tok, PROMPTS, N_NEW, progress=False, return_ids=True)
+    base_like = _model(tmp_path)[0]
+    assert unmerged != greedy_generate(base_like, tok, PROMPTS, N_NEW, progress=False, return_ids=True)
+    merge_adapters(model)
+    assert greedy_generate(model, tok, PROMPTS, N_NEW, progress=False, return_ids=True) == unmerged
