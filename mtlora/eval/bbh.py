@@ -82,8 +82,11 @@ class PromptSpec:
     """How the few-shot prompt is built.
 
     ``demos``: ``"cot"`` / ``"direct"`` = the 3 exemplars of ``cot-prompts/<task>.txt`` /
-    ``direct-prompts/<task>.txt`` (verbatim, after the canary and ``-----`` lines); ``"task_file"`` = the first
-    3 examples of ``<task>.json``, which are then excluded from the evaluated set.
+    ``direct-prompts/<task>.txt`` (verbatim, after the canary and ``-----`` lines); ``"lmeval_direct"`` = what
+    lm-eval's ``bbh_fewshot`` renders: the description and exemplar questions of ``cot-prompts`` with the
+    answers of ``direct-prompts`` (the two files differ in 3 tasks: date_understanding, snarks,
+    tracking_shuffled_objects_three_objects); ``"task_file"`` = the first 3 examples of ``<task>.json``, which
+    are then excluded from the evaluated set. ``demo_replacements`` apply to the exemplar block only.
     """
 
     demos: str
@@ -92,6 +95,7 @@ class PromptSpec:
     question: str = "Q: {input}\nA:"  # the final, evaluated question
     demo_format: str = "Q: {input}\nA: {target}\n\n"  # only for demos == "task_file"
     replacements: tuple[tuple[str, str], ...] = ()  # applied to the whole prompt after the prefix
+    demo_replacements: tuple[tuple[str, str], ...] = ()  # applied to the description + exemplars only
 
 
 @dataclass(frozen=True)
@@ -116,11 +120,14 @@ PROTOCOLS: dict[str, Protocol] = {
     "lmeval_cot_fewshot": Protocol(
         name="lmeval_cot_fewshot",
         # lm-eval 0.4.13 bbh_cot_fewshot (v4.0): description, 3 CoT exemplars (first_n, inlined from
-        # cot-prompts), "Q: {input}\nA: Let's think step by step.", target_delimiter "".
-        # UNVERIFIED: exact whitespace of lm-eval's rendering (fewshot_delimiter "\n\n" assumed, which is the
-        # prompt file's own layout) after PR #3140 removed the duplicated "Let's think step by step".
+        # cot-prompts), "Q: {input}\nA: Let's think step by step.\n", target_delimiter "". Checked against the
+        # installed lm-eval's rendered prompts (scripts/crosscheck_lmeval.py --prompts-only, docs/benchmarks.md):
+        # its exemplars always break the line after "step by step." (sports_understanding's file has a space).
         prompt=PromptSpec(
-            demos="cot", include_description=True, question="Q: {input}\nA: Let's think step by step."
+            demos="cot",
+            include_description=True,
+            question="Q: {input}\nA: Let's think step by step.\n",
+            demo_replacements=(("A: Let's think step by step. ", "A: Let's think step by step.\n"),),
         ),
         decode=DecodeSpec(max_new_tokens=1024, stop=("</s>", "Q", "\n\n")),
         extraction="lmeval_cot_regex",
@@ -131,9 +138,9 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "lmeval_fewshot": Protocol(
         name="lmeval_fewshot",
-        # UNVERIFIED (ecosystem.md §6): no whitespace stripping, so a BPE leading space (" False") would fail;
-        # implemented as documented (raw continuation, strict exact match).
-        prompt=PromptSpec(demos="direct", include_description=True),
+        # ecosystem.md §6: no whitespace stripping, so a BPE leading space (" False") fails; raw continuation,
+        # strict exact match. Prompt checked against the installed lm-eval (all 6,511 examples identical).
+        prompt=PromptSpec(demos="lmeval_direct", include_description=True),
         decode=DecodeSpec(max_new_tokens=256, stop=("</s>", "Q", "\n\n")),
         extraction="raw",
         matching="raw continuation (cut at stop strings) == target, strict",
@@ -421,8 +428,18 @@ def load_task(
     examples = list(_read_examples(str(bbh_dir(data_dir) / f"{task}.json")))
     if p.prompt.demos == "task_file":
         return examples[:N_SHOTS], examples[N_SHOTS:]
+    if p.prompt.demos == "lmeval_direct":
+        _, demos = _lmeval_direct(task, data_dir)
+        return demos, examples
     _, demos = _split_prompt(_read_prompt_body(str(_prompt_path(task, p.prompt.demos, data_dir))))
     return demos, examples
+
+
+def _lmeval_direct(task: str, data_dir) -> tuple[str, list[dict]]:
+    """lm-eval's bbh_fewshot exemplars: description and questions of cot-prompts, answers of direct-prompts."""
+    desc, cot = _split_prompt(_read_prompt_body(str(_prompt_path(task, "cot", data_dir))))
+    _, direct = _split_prompt(_read_prompt_body(str(_prompt_path(task, "direct", data_dir))))
+    return desc, [{"input": c["input"], "target": d["target"]} for c, d in zip(cot, direct)]
 
 
 def build_prompt(protocol: str | Protocol, task: str, example_input: str, data_dir=None) -> str:
@@ -435,10 +452,17 @@ def build_prompt(protocol: str | Protocol, task: str, example_input: str, data_d
         demos, _ = load_task(task, data_dir, p)
         context = "".join(spec.demo_format.format(**d) for d in demos) + question
     else:
-        body = _read_prompt_body(str(_prompt_path(task, spec.demos, data_dir)))
-        if not spec.include_description:
-            desc, _ = _split_prompt(body)
-            body = body[len(desc) :].strip() if desc else body
+        if spec.demos == "lmeval_direct":
+            desc, demos = _lmeval_direct(task, data_dir)
+            shots = "\n\n".join(f"Q: {d['input']}\nA: {d['target']}" for d in demos)
+            body = f"{desc}\n\n{shots}" if spec.include_description and desc else shots
+        else:
+            body = _read_prompt_body(str(_prompt_path(task, spec.demos, data_dir)))
+            if not spec.include_description:
+                desc, _ = _split_prompt(body)
+                body = body[len(desc) :].strip() if desc else body
+        for old, new in spec.demo_replacements:
+            body = body.replace(old, new)
         context = body + "\n\n" + question
     for old, new in spec.replacements:
         context = context.replace(old, new)

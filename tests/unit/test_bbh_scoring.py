@@ -178,7 +178,29 @@ def test_build_prompt_lmeval_cot(fake_data):
     assert s.startswith(f"Description of {MCQ}.\n\nQ: demo 0")
     assert CANARY not in s and "-----" not in s
     assert s.count("\nA: Let's think step by step.") == 4 and s.count("So the answer is") == 3
-    assert s.endswith("So the answer is (A).\n\nQ: What day?\nA: Let's think step by step.")
+    assert s.endswith("So the answer is (A).\n\nQ: What day?\nA: Let's think step by step.\n")
+
+
+def test_lmeval_cot_exemplars_break_the_line_after_step_by_step(fake_data):
+    """lm-eval renders every exemplar as "A: Let's think step by step.\n<rationale>"; sports_understanding's
+    prompt file has a space there instead."""
+    f = fake_data / "bbh" / "cot-prompts" / f"{MCQ}.txt"
+    f.write_text(f.read_text().replace("step by step.\nStep one.", "step by step. Step one."))
+    s = build_prompt("lmeval_cot_fewshot", MCQ, "What day?", fake_data)
+    assert "step by step. Step one." not in s and s.count("step by step.\nStep one.") == 3
+    assert "step by step. Step one." in build_prompt("opencompass_cot", MCQ, "What day?", fake_data)
+
+
+def test_lmeval_fewshot_takes_questions_from_cot_and_answers_from_direct(fake_data):
+    """lm-eval's bbh_fewshot inlines the description and questions of cot-prompts with the direct answers; the
+    direct-prompts file can differ (e.g. date_understanding's years, snarks' description)."""
+    f = fake_data / "bbh" / "direct-prompts" / f"{TASK}.txt"
+    f.write_text(f.read_text().replace("Description of", "Old description of").replace("demo 1 of", "typo 1 of"))
+    s = build_prompt("lmeval_fewshot", TASK, "x is", fake_data)
+    assert s.startswith(f"Description of {TASK}.\n\nQ: demo 0") and "typo" not in s and "Old" not in s
+    demos, _ = load_task(TASK, fake_data, "lmeval_fewshot")
+    assert [d["input"] for d in demos] == [f"demo {i} of {TASK}" for i in range(3)]
+    assert [d["target"] for d in demos] == ["True", "False", "True"]
 
 
 def test_build_prompt_lmeval_fewshot(fake_data):
@@ -231,7 +253,7 @@ def test_missing_data_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         build_prompt("lmeval_fewshot", TASK, "x", tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "bbh" / "direct-prompts" / f"{TASK}.txt") in msg and "lukaemon/bbh" in msg
+    assert str(tmp_path / "bbh" / "cot-prompts" / f"{TASK}.txt") in msg and "lukaemon/bbh" in msg
 
 
 # ------------------------------------------------------------------ answer types vs real data
