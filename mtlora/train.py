@@ -7,19 +7,26 @@
   explicit ``hydra.run.dir`` is required so that all ranks agree on the run dir, and rank 0 alone writes
   markers, config and meta.
 
-Returns the final held-out macro exact match (for Hydra sweepers that optimise a metric).
+Returns the metric named by ``optimized_metric`` (default: the final held-out macro exact match), for Hydra
+sweepers that optimise a metric. In a multirun, a job that raises is marked ``FAILED`` and returns a failure
+value (-inf/+inf when the sweeper maximises/minimises, else NaN) so that the sweep goes on; single runs
+still raise (exit non-zero). A job requeued by SLURM (``SLURM_RESTART_COUNT`` > 0) with ``resume=null``
+resumes as with ``resume=auto``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import shutil
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict, read_write
 
 from mtlora.adapters.inject import check_targets
 from mtlora.config import validate_config
@@ -27,7 +34,7 @@ from mtlora.errors import ConfigError
 from mtlora.launch import spawn_workers
 from mtlora.models.loading import meta_model
 from mtlora.run.meta import config_hash, record_resume, write_meta
-from mtlora.run.rundir import RESOLVED_CONFIG, claim, finish, save_resolved_config
+from mtlora.run.rundir import RESOLVED_CONFIG, RunDirBusy, claim, finish, save_resolved_config
 from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker
 from mtlora.utils.resolvers import register_resolvers
 
@@ -50,9 +57,51 @@ def preflight(cfg: DictConfig) -> None:
         preflight_lorahub(cfg)
 
 
-def _result(run_dir: Path) -> float | None:
-    path = run_dir / "metrics" / "eval_heldin.json"
-    return json.loads(path.read_text())["macro"]["exact_match"] if path.exists() else None
+DEFAULT_METRIC = "heldin/exact_match"
+
+
+def _result(run_dir: Path, metric: str | None = None) -> float | None:
+    """The final value of ``metric`` = ``<suite>/<key>/...`` from ``metrics/eval_<suite>.json`` (or the one
+    ``eval_<suite>_*.json``, e.g. ``bbh`` -> ``eval_bbh_<protocol>.json``). A key missing at the top level is
+    looked up under ``macro`` (``heldin/exact_match`` = macro exact match); a dict at the end gives its
+    ``accuracy`` / ``exact_match`` / ``score`` (``bbh/macro`` = macro accuracy). None when absent."""
+    suite, *keys = (metric or DEFAULT_METRIC).split("/")
+    mdir = run_dir / "metrics"
+    files = [mdir / f"eval_{suite}.json"] if (mdir / f"eval_{suite}.json").exists() else []
+    files = files or sorted(mdir.glob(f"eval_{suite}_*.json"))
+    if len(files) != 1:
+        return None
+    value = json.loads(files[0].read_text())
+    for k in keys:
+        if isinstance(value, dict) and k not in value and isinstance(value.get("macro"), dict):
+            value = value["macro"]
+        if not isinstance(value, dict) or k not in value:
+            return None
+        value = value[k]
+    if isinstance(value, dict):
+        value = next((value[k] for k in ("accuracy", "exact_match", "score") if k in value), None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_failed(run_dir: Path, e: Exception) -> float:
+    """Multirun: mark the job ``FAILED`` (also when it failed before the run started), log the error and
+    return the failure value, so the sweep goes on (mtlora.run.callbacks lists the failures at the end)."""
+    if not isinstance(e, RunDirBusy) and not (run_dir / "FAILED").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        finish(run_dir, ok=False, message=repr(e))
+    log.exception("job failed (the sweep goes on): %s", run_dir)
+    direction = str(HydraConfig.get().sweeper.get("direction", "")).lower()
+    return (
+        -math.inf
+        if direction.endswith("maximize")
+        else math.inf
+        if direction.endswith("minimize")
+        else math.nan
+    )
 
 
 def warn_if_config_changed(cfg: DictConfig, run_dir: Path) -> None:
@@ -110,7 +159,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         raise
     finish(run_dir, ok=True)
     log.info("run dir: %s", run_dir)
-    return _result(run_dir)
+    return _result(run_dir, cfg.get("optimized_metric"))
 
 
 def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -134,7 +183,7 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
         raise
     if rank0:
         finish(run_dir, ok=True)
-    return _result(run_dir)
+    return _result(run_dir, cfg.get("optimized_metric"))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -143,7 +192,16 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if launched_as_worker():
         return run_direct_worker(cfg, run_dir)
-    return run(cfg, run_dir)
+    if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
+        with read_write(cfg), open_dict(cfg):
+            cfg.resume = "auto"
+    if not _multirun():
+        return run(cfg, run_dir)
+    try:
+        return run(cfg, run_dir)
+    except Exception as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
+        return _job_failed(run_dir, e)
 
 
 if __name__ == "__main__":

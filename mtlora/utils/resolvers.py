@@ -41,4 +41,5 @@ def register_resolvers() -> None:
     }
     for name, fn in table.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            # the pid names the sweep dir: computed once, so joblib/submitit workers reuse the parent's value
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "mtlora.pid")
