@@ -15,29 +15,48 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mtlora.training.deepspeed import write_deepspeed_config
 from mtlora.utils.dist import free_port
 
 log = logging.getLogger(__name__)
 
 
 def worker_command(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The ``accelerate launch`` argv for ``cfg.hardware`` (``hardware.num_processes`` is per machine).
+
+    DeepSpeed presets (``hardware.deepspeed``) add ``--use_deepspeed`` (the ZeRO config itself reaches the
+    workers through ``DeepSpeedPlugin(hf_ds_config=...)``, see :mod:`mtlora.training.deepspeed`); several
+    machines add ``--num_machines/--machine_rank/--main_process_ip`` and use the configured port (the
+    rendezvous must agree across nodes), and DeepSpeed then uses torchrun on each node
+    (``--deepspeed_multinode_launcher standard``: no pdsh, no ``--local_rank`` argument)."""
     hw = cfg.hardware
+    machines = int(hw.get("num_machines") or 1)
+    per_machine = int(hw.num_processes)
+    port = hw.get("main_process_port") if machines > 1 else None
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--num_processes",
-        str(hw.num_processes),
+        str(per_machine * machines),
         "--num_machines",
-        "1",
+        str(machines),
+    ]
+    if machines > 1:
+        cmd += ["--machine_rank", str(int(hw.machine_rank)), "--main_process_ip", str(hw.main_process_ip)]
+    cmd += [
         "--main_process_port",
-        str(free_port()),
+        str(int(port) if port else free_port()),
         "--mixed_precision",
         "bf16" if cfg.train.precision == "bf16" else "no",
         "--dynamo_backend",
         "no",
     ]
-    if int(hw.num_processes) > 1:
+    if hw.get("deepspeed"):
+        cmd.append("--use_deepspeed")
+        if machines > 1:
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
+    elif per_machine * machines > 1:
         # accelerate's torchrun-based launcher; on the CPU the workers' Accelerator(cpu=True) joins a
         # gloo process group (`--cpu` here would select accelerate's single-process/MPI launcher)
         cmd.append("--multi_gpu")
@@ -49,9 +68,16 @@ def worker_command(cfg: DictConfig, run_dir: Path) -> list[str]:
 
 
 def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
-    """Run the workers to completion; returns their exit code."""
+    """Run this machine's workers to completion; returns their exit code. Machine 0 writes the DeepSpeed
+    config and ``launch_command.txt``; another machine ``k`` of a multi-node job writes
+    ``launch_command.node<k>.txt`` only."""
     cmd = worker_command(cfg, run_dir)
-    (run_dir / "launch_command.txt").write_text(" ".join(cmd) + "\n")
+    node = int(cfg.hardware.get("machine_rank") or 0)
+    if node == 0:
+        write_deepspeed_config(cfg, run_dir)  # <run_dir>/deepspeed_config.json (DeepSpeed presets only)
+    (run_dir / ("launch_command.txt" if node == 0 else f"launch_command.node{node}.txt")).write_text(
+        " ".join(cmd) + "\n"
+    )
     log.info("launching %d workers: %s", cfg.hardware.num_processes, " ".join(cmd))
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import hydra
@@ -137,8 +138,31 @@ def start_run(cfg: DictConfig, run_dir: Path) -> None:
     write_meta(run_dir, cfg, overrides=overrides)
 
 
+def run_secondary_machine(
+    cfg: DictConfig, run_dir: Path, timeout_s: float = 600.0, poll_s: float = 2.0
+) -> None:
+    """Machine ``k > 0`` of a multi-node job (``hardware.machine_rank``): machine 0's Hydra process claims the
+    shared run dir and writes its config and markers; this one waits for ``config_resolved.yaml`` and starts
+    its own workers, which join machine 0's process group."""
+    preflight(cfg)
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / RESOLVED_CONFIG).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"machine_rank={cfg.hardware.machine_rank}: machine 0 did not write {run_dir / RESOLVED_CONFIG} "
+                f"within {timeout_s:.0f} s (is hydra.run.dir the same shared directory on every machine?)"
+            )
+        time.sleep(poll_s)
+    code = spawn_workers(cfg, run_dir)
+    if code != 0:
+        raise RuntimeError(f"training workers of machine {cfg.hardware.machine_rank} exited with code {code}")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train ``cfg`` into ``run_dir`` from a single (non-worker) process."""
+    if int(cfg.hardware.get("machine_rank") or 0) > 0:
+        run_secondary_machine(cfg, run_dir)
+        return None
     preflight(cfg)
     start_run(cfg, run_dir)
     try:

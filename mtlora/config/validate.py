@@ -18,10 +18,12 @@ from mtlora.adapters.multihead import COMBINES, DROPOUT_PLACES, INIT_SCALES, INI
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.data.build import rows_per_task, selected_tasks
 from mtlora.data.mixture import STRATEGIES
+from mtlora.data.packing import packing_conflicts
 from mtlora.data.sources import SOURCE_TYPES
 from mtlora.diagnostics.config import check_diagnostics_config
 from mtlora.errors import ConfigError
 from mtlora.models.loading import DTYPES
+from mtlora.training.loss import LOSS_IMPLS
 from mtlora.training.meta import MetaLearner
 
 ALIGNMENTS = ("none", "kl", "mmd")
@@ -161,6 +163,42 @@ def _check_generation_suites(c: _Checker, suites) -> None:
                 mmlu_dir(c.get("eval.mmlu.data_dir"))
             except Exception as e:  # DataError naming the path, MTLORA_DATA_DIR and the hub id
                 c.errors.append(f"eval.mmlu.data_dir: {e}")
+
+
+def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
+    """Multi-node and DeepSpeed keys of the hardware group (conf/hardware/gpu*_zero*.yaml, multinode.yaml)."""
+    hw = cfg.hardware
+    machines = hw.get("num_machines") or 1
+    if hw.get("num_machines") is not None:
+        c.int_("hardware.num_machines", 1)
+    if isinstance(machines, int) and machines > 1:
+        c.int_("hardware.machine_rank", 0)
+        c.int_("hardware.main_process_port", 1)
+        c.rule("hardware.main_process_ip", lambda v: isinstance(v, str) and bool(v), "a host name or address")
+        rank = hw.get("machine_rank")
+        if isinstance(rank, int) and rank >= machines:
+            c.errors.append(f"hardware.machine_rank={rank}: must be < hardware.num_machines={machines}")
+        if hw.get("launcher") != "accelerate":
+            c.errors.append("hardware.launcher: must be 'accelerate' when hardware.num_machines > 1")
+    ds = hw.get("deepspeed")
+    if not ds:
+        return
+    c.choice("hardware.deepspeed.stage", (2, 3))
+    for key in ("offload_optimizer", "offload_param", "overlap_comm"):
+        if ds.get(key) is not None:
+            c.rule(f"hardware.deepspeed.{key}", lambda v: isinstance(v, bool), "true or false")
+    c.int_("hardware.deepspeed.bucket_size", 1, optional=True)
+    if ds.get("offload_param") and ds.get("stage") != 3:
+        c.errors.append("hardware.deepspeed.offload_param: needs stage 3 (ZeRO-2 partitions no parameters)")
+    if hw.get("device") != "cuda" or hw.get("launcher") != "accelerate":
+        c.errors.append("hardware.deepspeed: needs hardware.device=cuda and hardware.launcher=accelerate")
+    why = "not supported with hardware.deepspeed"
+    if cfg.train.get("checkpoint_every") or cfg.get("resume") is not None:
+        c.errors.append(f"train.checkpoint_every/resume: {why} (ZeRO partitions the optimizer state)")
+    if cfg.adapter.get("meta"):
+        c.errors.append(f"adapter.meta: {why} (the meta step averages gradients itself)")
+    if ds.get("stage") == 3 and (cfg.train.get("loss") or {}).get("impl", "full") != "full":
+        c.errors.append("train.loss.impl: must be 'full' under ZeRO-3 (chunked CE reads the head weight)")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -353,6 +391,12 @@ def validate_config(cfg: DictConfig) -> None:
     c.num("train.optimizer.lr", 0, lo_open=True)
     c.num("train.loss_watchdog.factor", 1, lo_open=True)
     c.int_("train.loss_watchdog.patience", 1)
+    if c.get("train.loss") is not _MISSING:  # memory-lean loss (mtlora.training.loss)
+        c.choice("train.loss.impl", LOSS_IMPLS)
+        c.int_("train.loss.chunk_tokens", 1)
+    if c.get("data.packing") not in (_MISSING, None):  # optional keys (mtlora.data.packing)
+        c.rule("data.packing", lambda v: isinstance(v, bool), "true or false")
+        c.errors += packing_conflicts(cfg)
     # eval
     c.rule(
         "eval.suites",
@@ -376,6 +420,7 @@ def validate_config(cfg: DictConfig) -> None:
     c.choice("hardware.launcher", ("none", "accelerate"))
     if cfg.hardware.get("num_processes", 1) > 1 and cfg.hardware.get("launcher") != "accelerate":
         c.errors.append("hardware.launcher: must be 'accelerate' when hardware.num_processes > 1")
+    _check_hardware(c, cfg)
     c.choice("logger.name", LOGGERS)
     c.int_("seed", 0)
     resume = cfg.get("resume")

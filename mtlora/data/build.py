@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from mtlora.data.collate import collate, tokenize_examples
 from mtlora.data.mixture import MixtureSchedule, mixture_counts, mixture_probabilities
+from mtlora.data.packing import pack, packing_conflicts
 from mtlora.data.tasks import load_task
 from mtlora.errors import ConfigError
 
@@ -42,6 +43,9 @@ def rows_per_task(cfg: DictConfig) -> int | None:
 
     ``data.batching=auto`` is task-balanced exactly when an alignment loss is on (it compares the tasks
     of each micro-batch) or MeTA-LoRA's ``adapter.meta`` is set (support/query rows of every task); ``data.rows_per_task`` defaults to ``train.micro_batch_size / tasks``."""
+    conflicts = packing_conflicts(cfg)  # data.packing needs adapters/losses that ignore row task ids
+    if conflicts:
+        raise ConfigError("; ".join(conflicts))
     mode = cfg.data.get("batching", "auto")
     if mode not in BATCHING:
         raise ConfigError(f"data.batching={mode!r}: allowed values are {list(BATCHING)}")
@@ -78,10 +82,15 @@ class MultiTaskData:
     schedule: MixtureSchedule
     pad_id: int
     skipped_rows: dict[str, int] = field(default_factory=dict)
+    #: ``data.packing``: pack each micro-batch into rows of this many tokens (None: pad, no packing)
+    pack_tokens: int | None = None
 
     def batch(self, pairs: np.ndarray) -> dict:
-        """Collate the training rows named by ``pairs`` (rows of ``(task_id, row)``)."""
+        """Collate the training rows named by ``pairs`` (rows of ``(task_id, row)``); packed into rows of
+        ``pack_tokens`` tokens when set (mtlora.data.packing)."""
         examples = [self.train[int(t)][int(i)] for t, i in pairs]
+        if self.pack_tokens:
+            return pack(examples, [int(t) for t, _ in pairs], self.pad_id, self.pack_tokens)
         return collate(examples, [int(t) for t, _ in pairs], self.pad_id)
 
     def summary(self) -> list[dict]:
@@ -115,4 +124,8 @@ def build_data(data_cfg: DictConfig, tokenizer, max_seq_len: int) -> MultiTaskDa
     budget = int(data_cfg.budget) if data_cfg.get("budget") else sum(sizes.values())
     counts = mixture_counts(probs, budget)
     schedule = MixtureSchedule([sizes[n] for n in names], [counts[n] for n in names], seed)
-    return MultiTaskData(names, train, evals, probs, counts, schedule, tokenizer.pad_token_id, skipped)
+    # data.packing / data.pack_tokens (optional keys; pack_tokens null: model.max_seq_len)
+    pack_tokens = int(data_cfg.get("pack_tokens") or max_seq_len) if data_cfg.get("packing", False) else None
+    return MultiTaskData(
+        names, train, evals, probs, counts, schedule, tokenizer.pad_token_id, skipped, pack_tokens
+    )

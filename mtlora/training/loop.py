@@ -10,7 +10,6 @@ optimizer step, to its first micro-batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -35,14 +34,21 @@ from mtlora.eval.bbh_suite import run_bbh
 from mtlora.eval.bbh_suite import summary_line as bbh_summary_line
 from mtlora.eval.heldin import evaluate_heldin
 from mtlora.models import build_model, build_tokenizer, count_parameters
-from mtlora.run.base_model import save_base_model
+from mtlora.run.base_model import MAX_SAVED_PARAMS, save_base_model
 from mtlora.run.meta import write_meta
 from mtlora.run.metrics import JsonlLog, markdown_table, write_csv
 from mtlora.run.plots import plot_loss
 from mtlora.run.tracker import Tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
-from mtlora.training.loss import token_cross_entropy
+from mtlora.training.deepspeed import (
+    backward_kwargs,
+    deepspeed_plugin,
+    defer_main_process_eval,
+    micro_batch_context,
+    zero3_gathered,
+)
+from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
 from mtlora.utils.dist import launched_as_worker
@@ -84,6 +90,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(
         cpu=cfg.hardware.device == "cpu",
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        deepspeed_plugin=deepspeed_plugin(cfg),  # None without hardware.deepspeed (mtlora.training.deepspeed)
     )
 
 
@@ -108,6 +115,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     """Train ``cfg`` into ``run_dir`` (markers and config are handled by the caller). Returns final eval."""
     datasets.disable_progress_bars()
     acc = make_accelerator(cfg)
+    cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: evaluate after training
     torch.manual_seed(int(cfg.seed))
     tokenizer, model, data = build_model_and_data(cfg)
     params = count_parameters(model)
@@ -133,6 +141,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     inner = acc.unwrap_model(model)
     ctx = inner.adapter_context
 
+    # ZeRO-3: every rank gathers the (small) base model so that the main process saves/fingerprints it whole
+    with zero3_gathered(acc, inner.parameters() if params["total"] <= MAX_SAVED_PARAMS else ()):
+        if acc.is_main_process:
+            save_base_model(cfg.model, inner, tokenizer, run_dir / "base_model")
     if acc.is_main_process:
         log.info(
             "parameters: total %s, trainable %s (%.4f%%)",
@@ -154,7 +166,6 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
             total_steps=steps,
             mixture=data.summary(),
         )
-        save_base_model(cfg.model, inner, tokenizer, run_dir / "base_model")
         if per_task:
             log.info(
                 "task-balanced batching: every micro-batch holds %d rows of each of the %d tasks "
@@ -189,6 +200,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     diag = DiagnosticsRunner.for_training(cfg, inner, data, run_dir, tracker, acc.is_main_process, step)
     ga = int(cfg.train.gradient_accumulation_steps)
     steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / ga))
+    loss_cfg = cfg.train.get("loss") or {}  # train.loss.impl: full | chunked (mtlora.training.loss)
+    loss_impl, loss_chunk = loss_cfg.get("impl", "full"), int(loss_cfg.get("chunk_tokens") or 4096)
     batches = stream.iterate(epoch, batch)
     bar = tqdm(total=steps, initial=step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
     t_last, seen_tokens = time.perf_counter(), 0
@@ -221,10 +234,9 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
             pending, window_reps, window_ids = None, [], []  # alignment.window=step
             for i, b in enumerate(tensors if meta is None else []):
                 sync = i == ga - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with micro_batch_context(acc, model, sync):  # no_sync / DeepSpeed's accumulation boundary
                     ctx.begin(task_ids=b["task_ids"], capture=align is not None)
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    ce, mask = token_cross_entropy(logits, b["labels"])
+                    ce, mask = causal_lm_loss(model, b, loss_impl, loss_chunk, inner.get_output_embeddings())
                     loss = ce.sum() * scale
                     if align is not None and align.per_micro_batch:
                         a = align(ctx.captured, b["task_ids"], b["attention_mask"])
@@ -249,12 +261,12 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                             if a is not None:
                                 pending = pending + align.weight * a
                                 interval.align_sum += float(a.detach())
-                            acc.backward(pending)
+                            acc.backward(pending, **backward_kwargs(acc))
                     else:
-                        acc.backward(loss)
+                        acc.backward(loss, **backward_kwargs(acc))
                 step_loss += float(ce.detach().sum())
                 seen_tokens += int(b["attention_mask"].sum())
-                _add_task_losses(interval, data, b["task_ids"], ce.detach(), mask)
+                _add_task_losses(interval, data, b.get("token_task_ids", b["task_ids"]), ce.detach(), mask)
             watchdog.check_step(step_loss, step + 1)
             max_norm = cfg.train.max_grad_norm
             grad_norm = acc.clip_grad_norm_(trainable, max_norm) if max_norm else None
@@ -316,8 +328,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         bar.close()
         if cfg.eval.at_end and "heldin" in cfg.eval.suites:
             final = _evaluate(cfg, acc, inner, data, eval_log, tracker, step)
+        with zero3_gathered(acc, trainable):  # ZeRO-3: every rank gathers the adapter for the save
+            if acc.is_main_process:
+                _write_outputs(cfg, run_dir, inner, train_log, eval_log, final, tracker)
         if acc.is_main_process:
-            _write_outputs(cfg, run_dir, inner, train_log, eval_log, final, tracker)
             if cfg.eval.at_end and "bbh" in cfg.eval.suites:  # after the adapter is saved; main process only
                 _evaluate_bbh(cfg, inner, tokenizer, data, run_dir, tracker, step)
             if cfg.eval.at_end and {"heldin_gen", "mmlu"} & set(cfg.eval.suites):  # generation suites
@@ -337,9 +351,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _add_task_losses(interval: Interval, data: MultiTaskData, task_ids, ce, mask) -> None:
+    """``task_ids``: one per row ``(B,)``, or one per token ``(B, L)`` for packed rows (data.packing)."""
+    if task_ids.dim() == 2:  # per token: position i predicts token i+1, so it counts for that token's task
+        task_ids, ce, mask = task_ids[:, 1:].reshape(-1), ce.reshape(-1, 1), mask.reshape(-1, 1)
     per_row_loss = (ce * mask).sum(dim=1)
     per_row_tok = mask.sum(dim=1)
     for t in task_ids.unique().tolist():
+        if t < 0:  # padding of packed rows
+            continue
         name = data.task_names[t]
         sel = task_ids == t
         interval.task_loss[name] = interval.task_loss.get(name, 0.0) + float(per_row_loss[sel].sum())

@@ -195,7 +195,9 @@ def test_lmeval_fewshot_takes_questions_from_cot_and_answers_from_direct(fake_da
     """lm-eval's bbh_fewshot inlines the description and questions of cot-prompts with the direct answers; the
     direct-prompts file can differ (e.g. date_understanding's years, snarks' description)."""
     f = fake_data / "bbh" / "direct-prompts" / f"{TASK}.txt"
-    f.write_text(f.read_text().replace("Description of", "Old description of").replace("demo 1 of", "typo 1 of"))
+    f.write_text(
+        f.read_text().replace("Description of", "Old description of").replace("demo 1 of", "typo 1 of")
+    )
     s = build_prompt("lmeval_fewshot", TASK, "x is", fake_data)
     assert s.startswith(f"Description of {TASK}.\n\nQ: demo 0") and "typo" not in s and "Old" not in s
     demos, _ = load_task(TASK, fake_data, "lmeval_fewshot")

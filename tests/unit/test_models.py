@@ -159,6 +159,7 @@ def test_count_parameters_trainable_share() -> None:
 
 PUBLISHED = {
     "qwen2.5-0.5b": 494e6,
+    "qwen2.5-1.5b": 1.54e9,
     "qwen2.5-3b": 3.09e9,
     "qwen2.5-7b": 7.62e9,
     "qwen2.5-14b": 14.7e9,

@@ -1,0 +1,174 @@
+"""DeepSpeed ZeRO through Accelerate, configured from the ``hardware`` group (one source of truth).
+
+:func:`deepspeed_config` builds the DeepSpeed dict from ``hardware.deepspeed`` and the ``train`` group with
+integers only (no ``"auto"``: the loop passes no dataloader to ``prepare``); the Hydra process writes it as
+``<run_dir>/deepspeed_config.json`` and every worker builds the same dict and hands it to
+``DeepSpeedPlugin(hf_ds_config=...)``. The optimizer and LR scheduler stay in PyTorch (AdamW over the adapter
+parameters); DeepSpeed does the clipping (``gradient_clipping`` = ``train.max_grad_norm``) and the step inside
+``acc.backward`` on the last micro-batch of a step.
+
+The helpers below are no-ops without DeepSpeed, so the loop has one code path:
+
+* :func:`micro_batch_context`: ``acc.no_sync`` for DDP; under DeepSpeed it marks the gradient-accumulation
+  boundary (Accelerate steps the engine in ``backward`` when ``sync_gradients`` is set);
+* :func:`backward_kwargs`: the loop already normalises the loss of a whole step, so DeepSpeed must not divide
+  it by the accumulation steps again (``scale_wrt_gas=False``);
+* :func:`zero3_gathered`: under ZeRO-3 the parameters are partitioned (shape ``[0]`` outside a forward); the
+  adapter is gathered on every rank before the main process saves it, so the saved adapter is complete;
+* :func:`defer_main_process_eval`: the evaluation suites run on the main process only, which under ZeRO-3
+  with several processes would wait forever for the other ranks' parameter shards; there they are switched
+  off with a warning (evaluate the saved adapter afterwards: ``python -m mtlora.evaluate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_CONFIG = "deepspeed_config.json"
+
+
+def world_size(hw_cfg: DictConfig) -> int:
+    """Processes over all machines (``hardware.num_processes`` is per machine)."""
+    return int(hw_cfg.num_processes) * int(hw_cfg.get("num_machines") or 1)
+
+
+def deepspeed_config(hw_cfg: DictConfig, train_cfg: DictConfig) -> dict[str, Any] | None:
+    """The DeepSpeed config dict for ``hardware.deepspeed`` (None when it is null)."""
+    ds = hw_cfg.get("deepspeed")
+    if not ds:
+        return None
+    stage = int(ds.stage)
+    bucket = int(ds.get("bucket_size") or 500_000_000)
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": bool(ds.get("overlap_comm", True)),
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": bucket,
+    }
+    if stage == 2:
+        zero["allgather_partitions"] = True
+        zero["allgather_bucket_size"] = bucket
+    if stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket
+        zero["stage3_param_persistence_threshold"] = 100_000
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3 and ds.get("offload_param"):
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    micro, ga = int(train_cfg.micro_batch_size), int(train_cfg.gradient_accumulation_steps)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": ga,
+        "train_batch_size": micro * ga * world_size(hw_cfg),
+        "gradient_clipping": float(train_cfg.max_grad_norm or 0.0),
+        "bf16": {"enabled": train_cfg.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        # the optimizer is the train group's (torch AdamW over the adapter), not DeepSpeed's own
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+    if ds.get("offload_optimizer"):  # a torch optimizer on offloaded (CPU) states: allowed, slower
+        out["zero_force_ds_cpu_optimizer"] = False
+    return out
+
+
+def write_deepspeed_config(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Write ``<run_dir>/deepspeed_config.json`` (nothing without DeepSpeed)."""
+    ds = deepspeed_config(cfg.hardware, cfg.train)
+    if ds is None:
+        return None
+    path = Path(run_dir) / DEEPSPEED_CONFIG
+    path.write_text(json.dumps(ds, indent=2) + "\n")
+    return path
+
+
+def deepspeed_plugin(cfg: DictConfig):
+    """``DeepSpeedPlugin(hf_ds_config=...)`` for ``cfg`` or None without ``hardware.deepspeed``."""
+    ds = deepspeed_config(cfg.hardware, cfg.train)
+    if ds is None:
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def uses_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int:
+    if not uses_deepspeed(acc):
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def backward_kwargs(acc) -> dict[str, Any]:
+    """Keyword arguments for ``acc.backward``: the step's loss is already normalised over its micro-batches,
+    so DeepSpeed must not scale it by 1/gradient_accumulation_steps."""
+    return {"scale_wrt_gas": False} if uses_deepspeed(acc) else {}
+
+
+def micro_batch_context(acc, model, sync: bool):
+    """Context for one micro-batch's forward/backward: ``acc.no_sync`` on all but the last micro-batch of a
+    step (DDP); under DeepSpeed, mark whether this micro-batch ends the step (the engine then reduces the
+    gradients, clips and steps inside ``acc.backward``)."""
+    if uses_deepspeed(acc):
+        acc.gradient_state._set_sync_gradients(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else acc.no_sync(model)
+
+
+@contextlib.contextmanager
+def zero3_gathered(acc, params: Iterable[torch.nn.Parameter], collective: bool = True):
+    """Full (gathered) ``params`` inside the block under ZeRO-3; a no-op otherwise.
+
+    Gathering is a collective: with ``collective`` (the default) every rank must enter the block. With
+    ``collective=False`` (code that runs on the main process only) the parameters are gathered only when
+    there is a single process, and left partitioned (with a warning) otherwise."""
+    if zero_stage(acc) != 3:
+        yield
+        return
+    if not collective and acc.num_processes > 1:
+        log.warning("ZeRO-3 with %d processes: parameters left partitioned here", acc.num_processes)
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+def defer_main_process_eval(cfg: DictConfig, acc) -> DictConfig:
+    """``cfg`` without in-training/at-end evaluation under ZeRO-3 with several processes (see module doc)."""
+    if zero_stage(acc) != 3 or acc.num_processes == 1:
+        return cfg
+    if not (cfg.eval.get("suites") and (cfg.eval.get("at_end") or cfg.eval.get("every_steps"))):
+        return cfg
+    if acc.is_main_process:
+        log.warning(
+            "ZeRO-3 over %d processes: evaluation (%s) runs on the main process only and would hang here; "
+            "it is skipped. Evaluate the saved adapter afterwards with `python -m mtlora.evaluate`.",
+            acc.num_processes,
+            list(cfg.eval.suites),
+        )
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(cfg):
+        cfg.eval.at_end = False
+        cfg.eval.every_steps = None
+    return cfg
