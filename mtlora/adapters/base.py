@@ -32,6 +32,11 @@ class AdapterLayer(nn.Module):
     mergeable: ClassVar[bool] = False
     #: whether the layer needs ``context.task_ids`` in every forward
     needs_task_ids: ClassVar[bool] = False
+    #: optional knobs read from ``adapter.<key>`` by :meth:`from_config` (a missing key gives None, and the
+    #: constructor then uses the value here, the class's documented default)
+    defaults: ClassVar[dict] = {}
+    #: constructor arguments that ``adapter.<key>`` must provide besides rank, alpha, dropout, use_rslora
+    required_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Linear, name: str, context: AdapterContext) -> None:
         super().__init__()
@@ -43,6 +48,27 @@ class AdapterLayer(nn.Module):
         object.__setattr__(self, "context", context)
         self.merged = False
         self.enabled = True
+
+    @classmethod
+    def config_knobs(cls) -> tuple[str, ...]:
+        """The optional knobs :meth:`from_config` reads (all of :attr:`defaults`)."""
+        return tuple(cls.defaults)
+
+    @classmethod
+    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg):
+        """Build the layer from the ``adapter`` config: rank, alpha, dropout, use_rslora, the
+        :attr:`required_keys` and the optional :meth:`config_knobs`."""
+        return cls(
+            base_layer,
+            name,
+            context,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            use_rslora=cfg.use_rslora,
+            **{k: cfg[k] for k in cls.required_keys},
+            **{k: cfg.get(k) for k in cls.config_knobs()},
+        )
 
     @property
     def in_features(self) -> int:

@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mtlora.adapters.base import AdapterLayer
@@ -48,10 +47,6 @@ class LoraLinear(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        return cls(base_layer, name, context, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
 
     def reset_parameters(self) -> None:
         if self.lora_A.device.type == "meta":

@@ -25,7 +25,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mtlora.adapters.base import check_arg, is_int
@@ -36,6 +35,7 @@ from mtlora.adapters.mtl_lora import TaskAwareLayer
 
 class MoeLoraLinear(TaskAwareLayer):
     method: ClassVar[str] = "moelora"
+    required_keys: ClassVar[tuple[str, ...]] = ("num_tasks",)
     defaults: ClassVar[dict] = {"num_experts": 4, "task_embed_dim": 64}
 
     def __init__(
@@ -82,20 +82,6 @@ class MoeLoraLinear(TaskAwareLayer):
         self.lora_task_embedding = nn.Parameter(torch.empty(num_tasks, task_embed_dim, device=dev, dtype=f32))
         self.lora_gate = nn.Parameter(torch.empty(num_experts, task_embed_dim, device=dev, dtype=f32))
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        return cls(
-            base_layer,
-            name,
-            context,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            num_tasks=cfg.num_tasks,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            **{k: cfg.get(k) for k in cls.defaults},
-        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mtlora.adapters.base import AdapterLayer, check_arg, is_int
@@ -90,6 +89,7 @@ class TaskAwareLayer(AdapterLayer):
 
 class MtlLoraLinear(TaskAwareLayer):
     method: ClassVar[str] = "mtl_lora"
+    required_keys: ClassVar[tuple[str, ...]] = ("num_tasks",)
     defaults: ClassVar[dict] = {"num_up": 3, "tau": 0.1, "lambda_format": "full"}
 
     def __init__(
@@ -140,20 +140,6 @@ class MtlLoraLinear(TaskAwareLayer):
         self.lora_B = nn.Parameter(torch.zeros(num_up, self.out_features, rank, device=dev, dtype=f32))
         self.lora_task_logits = nn.Parameter(torch.empty(num_tasks, num_up, device=dev, dtype=f32))
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        return cls(
-            base_layer,
-            name,
-            context,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            num_tasks=cfg.num_tasks,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            **{k: cfg.get(k) for k in cls.defaults},
-        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -43,7 +43,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mtlora.adapters.base import AdapterLayer, check_arg
@@ -64,6 +63,7 @@ class MultiHeadLoraLinear(AdapterLayer):
     #: ``adapter.method`` of the class (for messages)
     method: ClassVar[str] = "multihead"
     #: defaults of the optional knobs (constructor arguments left None, keys missing from the config)
+    required_keys: ClassVar[tuple[str, ...]] = ("num_heads",)
     defaults: ClassVar[dict] = {
         "dropout_place": "input_per_head",
         "init": "zero_B",
@@ -142,21 +142,9 @@ class MultiHeadLoraLinear(AdapterLayer):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        knobs = {k: cfg.get(k) for k in cls.defaults}
-        if cls.routed:
-            knobs.pop("combine")
-        return cls(
-            base_layer,
-            name,
-            context,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            num_heads=cfg.num_heads,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            **knobs,
-        )
+    def config_knobs(cls) -> tuple[str, ...]:
+        """``combine`` applies only without a router."""
+        return tuple(k for k in cls.defaults if not (cls.routed and k == "combine"))
 
     # ---------------------------------------------------------------- init
 

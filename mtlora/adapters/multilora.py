@@ -26,7 +26,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mtlora.adapters.base import AdapterLayer, check_arg, is_int
@@ -66,19 +65,6 @@ class MultiLoraLinear(AdapterLayer):
         self.lora_B = nn.Parameter(torch.empty(n, d_out, rank, device=dev, dtype=f32))
         self.lora_scale = nn.Parameter(torch.zeros(n, d_out, device=dev, dtype=f32))
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        return cls(
-            base_layer,
-            name,
-            context,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            **{k: cfg.get(k) for k in cls.defaults},
-        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig
+from omegaconf import ListConfig
 from torch import nn
 
 from mtlora.adapters.base import AdapterLayer, check_arg, is_int
@@ -111,19 +111,6 @@ class LoraSplitLinear(AdapterLayer):
             assign = torch.tensor(split_of_task, dtype=torch.long, device=dev)
             self.register_buffer("split_assign", assign, persistent=False)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        return cls(
-            base_layer,
-            name,
-            context,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            use_rslora=cfg.use_rslora,
-            **{k: cfg.get(k) for k in cls.defaults},
-        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
