@@ -16,7 +16,8 @@ reproduces each one as a named preset in :data:`PROTOCOLS`:
 
 The data (``<data_dir>/bbh/<task>.json``, ``cot-prompts/`` and ``direct-prompts/``) is evaluation data: it is
 only ever read at run time from ``data_dir`` (default ``$MTLORA_DATA_DIR``, else ``/work/shared/data``), never
-at import. Readings the docs mark as unverified are implemented as documented and flagged ``UNVERIFIED``.
+at import; ``data_dir="hub"`` takes the task examples from the hub dataset ``lukaemon/bbh`` instead (the
+prompt files, which it lacks, still come from ``$MTLORA_DATA_DIR``). Readings the docs mark as unverified are implemented as documented and flagged ``UNVERIFIED``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class DecodeSpec:
     max_new_tokens: int
     stop: tuple[str, ...] = ()  # the continuation is cut at the earliest occurrence of any of these
     greedy: bool = True
+    max_input_tokens: int | None = None  # prompts longer than this are cut (None: never)
+    truncation_side: str = "left"  # left: keep the end of the prompt; right: keep its start
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ PROTOCOLS: dict[str, Protocol] = {
         name="mtlora_direct",
         prompt=PromptSpec(demos="task_file", include_description=False),
         # greedy, left padding, max_length 2048; no stop strings (32 tokens may run into a fake next "Q:").
-        decode=DecodeSpec(max_new_tokens=32),
+        # UNVERIFIED: max_length taken as input truncation with the tokenizer's default side (right).
+        decode=DecodeSpec(max_new_tokens=32, max_input_tokens=2048, truncation_side="right"),
         extraction="mtlora_lenient",
         matching="target.lower() in generated.lower() or generated.startswith(target) (lenient substring; "
         "false positives such as 'not True' for target 'True' or '12' for target '2' are accepted)",
@@ -170,7 +174,8 @@ PROTOCOLS: dict[str, Protocol] = {
             replacements=(("Q:", "question:"), ("A:", "Answer:")),
         ),
         # UNVERIFIED: no explicit do_sample; greedy only if the checkpoint's generation_config says so.
-        decode=DecodeSpec(max_new_tokens=256),
+        # Input truncated to 2048 tokens (data.md §2.1), with the tokenizer's default side (right; UNVERIFIED).
+        decode=DecodeSpec(max_new_tokens=256, max_input_tokens=2048, truncation_side="right"),
         extraction="align_lora",
         matching="text after the LAST 'Answer:' of prompt+generation; number: first number == float(target); "
         "option: last (X), else last lone capital letter; else strip().lower() without '.' == same of target",
@@ -353,16 +358,31 @@ def score(protocol: str | Protocol, task: str, generation: str, target: str) -> 
 # --------------------------------------------------------------------------------------------------------
 # Data and prompts (read at run time only)
 # --------------------------------------------------------------------------------------------------------
+HUB = "hub"  # data_dir value: the task examples from the hub dataset HUB_ID
+
+
 def bbh_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``<data_dir>/bbh`` (or ``data_dir`` itself if it already holds the task files)."""
+    """``<data_dir>/bbh`` (or ``data_dir`` itself if it already holds the task files).
+
+    ``data_dir="hub"`` reads the task examples from :data:`HUB_ID`; the hub dataset has no prompt files, so
+    the ``cot-prompts/`` and ``direct-prompts/`` that four protocols need still come from ``$MTLORA_DATA_DIR``
+    (this function then returns that directory)."""
+    hub = data_dir == HUB
+    if hub:
+        data_dir = None
     root = Path(data_dir if data_dir is not None else os.environ.get("MTLORA_DATA_DIR", DEFAULT_DATA_DIR))
     if (root / "bbh").is_dir():
         return root / "bbh"
-    if (root / "boolean_expressions.json").is_file():
+    if (root / "boolean_expressions.json").is_file() or (root / "cot-prompts").is_dir():
         return root
+    why = (
+        f" (eval.bbh.data_dir=hub: the task examples come from {HUB_ID}, which has no prompt files)"
+        if hub
+        else f" (hub id {HUB_ID}: eval.bbh.data_dir=hub)"
+    )
     raise DataError(
         f"BBH data directory {root / 'bbh'} does not exist. Point MTLORA_DATA_DIR (or the data_dir argument) at "
-        f"a directory holding bbh/<task>.json, bbh/cot-prompts/ and bbh/direct-prompts/ (hub id {HUB_ID})."
+        f"a directory holding bbh/<task>.json, bbh/cot-prompts/ and bbh/direct-prompts/{why}."
     )
 
 
@@ -371,6 +391,27 @@ def _missing(path: Path, what: str) -> DataError:
         f"BBH {what} {path} does not exist. Set MTLORA_DATA_DIR (or the data_dir argument) to a directory "
         f"holding bbh/<task>.json and bbh/{{cot,direct}}-prompts/<task>.txt (hub id {HUB_ID})."
     )
+
+
+def _examples(task: str, data_dir) -> tuple[dict, ...]:
+    """The examples of ``task``: ``<bbh dir>/<task>.json``, or the hub dataset's ``test`` split."""
+    if data_dir == HUB:
+        return _hub_examples(task)
+    return _read_examples(str(bbh_dir(data_dir) / f"{task}.json"))
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_examples(task: str) -> tuple[dict, ...]:
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(HUB_ID, task, split="test")
+    except Exception as e:  # no network, no cache, unknown config: say what was asked and the way out
+        raise DataError(
+            f"could not load BBH task {task!r} from the hub ({HUB_ID}, config {task!r}, split 'test'): {e}. "
+            "Set eval.bbh.data_dir (or MTLORA_DATA_DIR) to a local directory holding bbh/<task>.json."
+        ) from e
+    return tuple({"input": r["input"], "target": r["target"]} for r in rows)
 
 
 @functools.lru_cache(maxsize=128)
@@ -425,7 +466,7 @@ def load_task(
     """
     p = get_protocol(protocol)
     answer_type(task)
-    examples = list(_read_examples(str(bbh_dir(data_dir) / f"{task}.json")))
+    examples = list(_examples(task, data_dir))
     if p.prompt.demos == "task_file":
         return examples[:N_SHOTS], examples[N_SHOTS:]
     if p.prompt.demos == "lmeval_direct":

@@ -8,13 +8,17 @@ Config (``eval.bbh``, presets in ``conf/eval/bbh/<protocol>.yaml``)::
     limit           null or the first N evaluated examples per task
     max_new_tokens  null: the protocol's own value
     stop            null: the protocol's own stop strings; a list overrides them
+    max_input_tokens  null: the protocol's own input truncation (2048 for mtlora_direct and align_lora,
+                    none for the others); 0: never truncate; N: cut prompts to N tokens
+    truncation_side null: the protocol's (left keeps the end of a prompt, right its start)
     batch_tokens    token budget per batch: longest prompt x rows <= batch_tokens
     max_batch_size  cap on rows per batch
     task_id         task id given to task-aware adapters (BBH tasks are unseen in training): null = error
                     when the adapter needs task ids; an int or a training-task name = that task's id for
                     every BBH prompt
     merge           fold mergeable adapters into the base weights while generating (unmerged after)
-    data_dir        null: $MTLORA_DATA_DIR (the directory holding bbh/)
+    data_dir        null: $MTLORA_DATA_DIR (the directory holding bbh/); ``hub``: the task examples from
+                    lukaemon/bbh (prompt files of the four protocols that need them: still $MTLORA_DATA_DIR)
 
 Outputs under ``out_dir`` (suite name ``bbh_<protocol>``): ``metrics/eval_bbh_<protocol>.json`` (per-task
 accuracy, ``macro`` = unweighted mean over tasks as the papers report, ``micro`` = pooled over examples as
@@ -47,6 +51,8 @@ DEFAULTS = {
     "limit": None,
     "max_new_tokens": None,
     "stop": None,
+    "max_input_tokens": None,
+    "truncation_side": None,
     "batch_tokens": 16384,
     "max_batch_size": 64,
     "task_id": None,
@@ -76,6 +82,16 @@ def resolve_settings(bbh_cfg: DictConfig | dict | None) -> dict:
     if s["max_new_tokens"] is None:
         s["max_new_tokens"] = p.decode.max_new_tokens
     s["stop"] = list(p.decode.stop) if s["stop"] is None else list(s["stop"])
+    if s["max_input_tokens"] is None:
+        s["max_input_tokens"] = p.decode.max_input_tokens
+    elif s["max_input_tokens"] == 0:
+        s["max_input_tokens"] = None  # 0: never truncate, whatever the protocol does
+    if s["truncation_side"] is None:
+        s["truncation_side"] = p.decode.truncation_side
+    if s["truncation_side"] not in ("left", "right"):
+        raise ConfigError(
+            f"eval.bbh.truncation_side={s['truncation_side']!r}: allowed values are left, right"
+        )
     return s
 
 
@@ -116,7 +132,8 @@ def run_bbh(
     s = resolve_settings(bbh_cfg)
     p = bbh.get_protocol(s["protocol"])
     data_dir = s["data_dir"]
-    bbh.bbh_dir(data_dir)  # a missing data dir fails before any generation, naming path / env / hub id
+    if data_dir != bbh.HUB or p.prompt.demos != "task_file":
+        bbh.bbh_dir(data_dir)  # a missing data dir fails before any generation, naming path / env / hub id
     task_id = resolve_task_id(model, s["task_id"], task_names)
     items: list[dict] = []
     for task in s["tasks"]:
@@ -127,6 +144,7 @@ def run_bbh(
             prompt = bbh.build_prompt(p, task, ex["input"], data_dir)
             items.append({"task": task, "index": offset + i, "prompt": prompt, "target": ex["target"]})
 
+    gen_stats: dict = {}
     merged = False
     if s["merge"]:
         from mtlora.adapters import merge_adapters
@@ -145,6 +163,9 @@ def run_bbh(
             progress=progress,
             max_batch_size=s["max_batch_size"],
             desc=f"bbh {p.name}",
+            max_input_tokens=s["max_input_tokens"],
+            truncation_side=s["truncation_side"],
+            stats=gen_stats,
         )
     finally:
         if merged:
@@ -152,6 +173,11 @@ def run_bbh(
 
             unmerge_adapters(model)
 
+    if gen_stats.get("truncated"):
+        log.warning(
+            "BBH %s: %d prompt(s) longer than %s tokens were cut (%s side)",
+            p.name, gen_stats["truncated"], s["max_input_tokens"], s["truncation_side"],
+        )  # fmt: skip
     per_task: dict[str, list[bool]] = {t: [] for t in s["tasks"]}
     preds: dict[str, list[dict]] = {t: [] for t in s["tasks"]}
     for it, gen in zip(items, gens):
@@ -174,9 +200,20 @@ def run_bbh(
         "matching": p.matching,
         "source_aggregate": p.aggregate,
         "settings": {
-            k: s[k] for k in ("limit", "max_new_tokens", "stop", "batch_tokens", "task_id", "merge")
+            k: s[k]
+            for k in (
+                "limit",
+                "max_new_tokens",
+                "stop",
+                "max_input_tokens",
+                "truncation_side",
+                "batch_tokens",
+                "task_id",
+                "merge",
+            )
         },
-        "data_dir": str(bbh.bbh_dir(data_dir)),
+        "truncated_prompts": gen_stats.get("truncated", 0),
+        "data_dir": f"hub:{bbh.HUB_ID}" if data_dir == bbh.HUB else str(bbh.bbh_dir(data_dir)),
         **bbh.aggregate(per_task),
     }
     write_bbh_outputs(result, preds, Path(out_dir))

@@ -14,7 +14,9 @@ tokenizer's vocabulary and is fragile with byte-level tokenizers).
 
 Batching: prompts are tokenized, sorted by length (longest first, so an out-of-memory shows on the first
 batch), and cut into batches whose ``longest prompt x rows <= batch_tokens`` (and ``rows <=
-max_batch_size``); a prompt longer than the budget runs alone. Outputs are put back in input order.
+max_batch_size``); a prompt longer than the budget runs alone. Outputs are put back in input order. Rows that
+finish (EOS or a stop string) leave the batch, KV cache included, so a batch costs what its still-running rows
+cost; stop strings are matched on the decoded last few tokens of a row (linear, not quadratic, in the length).
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def truncate_prompts(
+    enc: list[list[int]], max_input_tokens: int | None, side: str = "left"
+) -> tuple[list[list[int]], int]:
+    """Token id lists cut to ``max_input_tokens`` (``left``: keep the end; ``right``: keep the start), and how
+    many were cut. ``None`` keeps them whole."""
+    if side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be 'left' or 'right', got {side!r}")
+    if max_input_tokens is None:
+        return enc, 0
+    if max_input_tokens < 1:
+        raise ValueError(f"max_input_tokens must be >= 1 or None, got {max_input_tokens}")
+    n = max_input_tokens
+    cut = [(x[-n:] if side == "left" else x[:n]) if len(x) > n else x for x in enc]
+    return cut, sum(len(x) > n for x in enc)
+
+
 def truncate_at_first_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` cut at the earliest occurrence of any stop string; whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
@@ -89,9 +107,35 @@ def _forward_kwargs(model) -> tuple[str, dict]:
     return cache_kw, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
 
 
+def _stop_window(stop: Sequence[str]) -> int:
+    """How many trailing tokens to decode to see every stop string that the newest token can complete.
+
+    A stop string of ``b`` UTF-8 bytes spans at most ``b`` tokens (every token decodes to at least one byte);
+    a few more cover leading partial characters and tokenizers that drop a leading space on decode."""
+    return max((len(s.encode()) for s in stop), default=0) + 8
+
+
+def _select_rows(cache, keep: torch.Tensor) -> bool:
+    """Keep only the batch rows ``keep`` of a KV cache in place; False when the cache cannot do it."""
+    select = getattr(cache, "batch_select_indices", None)
+    if select is None:
+        return False
+    select(keep)
+    return True
+
+
 @torch.inference_mode()
-def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int, stop, eos, pad, return_ids):
+def _generate_batch(
+    model, tokenizer, ids: list[list[int]], max_new_tokens: int, stop, eos, pad, row_task_ids=None
+) -> list[list[int]]:
+    """Generated token ids of one left-padded batch (EOS excluded; up to the token completing a stop string).
+
+    Finished rows leave the batch: their rows of the KV cache, the attention mask, the positions and the
+    adapters' task ids are dropped, so the remaining steps only compute the rows still generating. Stop
+    strings are looked for in the decoded last :func:`_stop_window` tokens of a row, not its whole output.
+    """
     device = next(model.parameters()).device
+    ctx = getattr(model, "adapter_context", None)
     n, width = len(ids), max(len(x) for x in ids)
     input_ids = torch.full((n, width), pad, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)
@@ -100,11 +144,10 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
         mask[r, width - len(x) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out_tokens: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    texts = [""] * n
+    active = list(range(n))  # batch row -> input row, for the rows still generating
     cache = None
     step_ids, step_pos = input_ids, position_ids
-    max_stop = max((len(s) for s in stop), default=0)
+    window = _stop_window(stop)
     cache_kw, extra = _forward_kwargs(model)
     for _ in range(max_new_tokens):
         out = model(
@@ -117,31 +160,34 @@ def _generate_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: int,
         )
         cache = getattr(out, cache_kw, None)
         nxt = out.logits[:, -1, :].argmax(-1)
-        for r, t in enumerate(nxt.tolist()):
-            if done[r]:
-                continue
-            if t in eos:
-                done[r] = True
+        keep: list[int] = []
+        for b, t in enumerate(nxt.tolist()):
+            r = active[b]
+            if r < 0 or t in eos:  # r < 0: finished row that the cache could not drop
                 continue
             out_tokens[r].append(t)
             if stop:
-                prev = len(texts[r])
-                texts[r] = tokenizer.decode(out_tokens[r], skip_special_tokens=True)
-                tail = texts[r][max(0, prev - max_stop) :]  # only new text can complete a stop string
-                if any(s and s in tail for s in stop):
-                    done[r] = True
-        if all(done):
+                tail = tokenizer.decode(out_tokens[r][-window:], skip_special_tokens=True)
+                if any(s in tail for s in stop):
+                    continue
+            keep.append(b)
+        if not keep:
             break
         step_ids = nxt[:, None]
         step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-    if return_ids:
-        return out_tokens
-    results = []
-    for toks in out_tokens:
-        text = tokenizer.decode(toks, skip_special_tokens=True)
-        results.append(truncate_at_first_stop(text, stop)[0] if stop else text)
-    return results
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        if len(keep) < len(active):
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            if _select_rows(cache, idx):
+                step_ids, step_pos, mask = step_ids[idx], step_pos[idx], mask[idx]
+                active = [active[b] for b in keep]
+                if ctx is not None and row_task_ids is not None:
+                    row_task_ids = row_task_ids[idx]
+                    ctx.begin(task_ids=row_task_ids)
+            else:  # the cache cannot drop rows: keep computing them, discard what they generate
+                kept = set(keep)
+                active = [a if b in kept else -1 for b, a in enumerate(active)]
+    return out_tokens
 
 
 def greedy_generate(
@@ -158,12 +204,16 @@ def greedy_generate(
     desc: str = "generate",
     stats: dict | None = None,
     return_ids: bool = False,
+    max_input_tokens: int | None = None,
+    truncation_side: str = "left",
 ) -> list[str] | list[list[int]]:
     """Greedy continuations of ``prompts`` (see the module doc).
 
     ``task_ids``: one training-task id for every prompt (int) or one per prompt; required when an unmerged
     adapter layer needs task ids (a ``ValueError`` otherwise). ``stats``, when given, receives
-    ``batches`` (the number of batches) and ``batch_sizes``. ``return_ids``: the generated token ids
+    ``batches`` (the number of batches), ``batch_sizes`` and ``truncated`` (prompts cut to
+    ``max_input_tokens``: ``truncation_side="left"`` keeps the last tokens, ``"right"`` the first ones, as a
+    Hugging Face tokenizer with ``truncation=True, max_length=...`` does by default). ``return_ids``: the generated token ids
     instead (EOS excluded; up to and including the token that completed a stop string).
     """
     if max_new_tokens < 1:
@@ -186,10 +236,12 @@ def greedy_generate(
     enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     if any(len(x) == 0 for x in enc):
         raise ValueError("a prompt tokenizes to zero tokens")
+    enc, truncated = truncate_prompts(enc, max_input_tokens, truncation_side)
     batches = plan_batches([len(x) for x in enc], batch_tokens, max_batch_size)
     if stats is not None:
         stats["batches"] = len(batches)
         stats["batch_sizes"] = [len(b) for b in batches]
+        stats["truncated"] = truncated
     was_training = model.training
     model.eval()
     results: list[str | None] = [None] * len(prompts)
@@ -197,13 +249,18 @@ def greedy_generate(
     bar = tqdm(total=len(prompts), disable=not progress, desc=desc, dynamic_ncols=True)
     try:
         for rows in batches:
+            row_task_ids = _row_task_ids(task_ids, rows, device)
             if ctx is not None:
-                ctx.begin(task_ids=_row_task_ids(task_ids, rows, device))
+                ctx.begin(task_ids=row_task_ids)
             gens = _generate_batch(
-                model, tokenizer, [enc[i] for i in rows], max_new_tokens, stop, eos, pad, return_ids
+                model, tokenizer, [enc[i] for i in rows], max_new_tokens, stop, eos, pad, row_task_ids
             )
-            for i, g in zip(rows, gens):
-                results[i] = g
+            for i, toks in zip(rows, gens):
+                if return_ids:
+                    results[i] = toks
+                else:
+                    text = tokenizer.decode(toks, skip_special_tokens=True)
+                    results[i] = truncate_at_first_stop(text, stop)[0] if stop else text
             bar.update(len(rows))
     finally:
         bar.close()

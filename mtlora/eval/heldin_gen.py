@@ -5,16 +5,17 @@ Prompts are the held-out rows' ``prompt`` text exactly as training rendered it (
 the tokenizer's default special tokens, which is the prefix training puts in front of a prompt). Rows are
 generated together across tasks with :func:`mtlora.eval.generate.greedy_generate`, each row with its own
 task's id (task-aware adapters: mtl_lora, moelora, ...). Generation stops at EOS (training appends EOS to
-every target), after ``max_new_tokens``, or at a ``stop`` string. Unlike training, over-long prompts are not
-truncated.
+every target), after ``max_new_tokens``, or at a ``stop`` string. Over-long prompts are cut to
+``max_input_tokens`` when set (Align-LoRA's held-in setting: 512), keeping their end (``truncation_side``).
 
 Metric per task: ``data.tasks.<task>.eval.metric`` (``exact | option | number | rouge_l``; ``exact`` when
 missing). The per-task ``score`` is the accuracy for exact/option/number and the mean ROUGE-L F1 for
 ``rouge_l``; ``accuracy`` is the share of ``correct`` rows for every task (for ``rouge_l`` rows: exact match).
 
 Config (``eval.heldin_gen``, ``conf/eval/heldin_gen.yaml``): ``limit`` (first N held-out rows per task; null:
-all, already capped by the task's ``eval.max_examples``), ``max_new_tokens``, ``stop`` (list of strings),
-``batch_tokens``, ``max_batch_size``.
+all, already capped by the task's ``eval.max_examples``), ``max_new_tokens``, ``stop`` (list of strings), ``max_input_tokens`` (null: no
+truncation), ``truncation_side`` (``left``: keep a prompt's end; ``right``: its start), ``batch_tokens``,
+``max_batch_size``.
 
 Outputs under ``out_dir``: ``metrics/eval_heldin_gen.json`` (per task: metric, n, correct, accuracy, score;
 ``macro`` = unweighted mean over tasks, ``micro`` = pooled over rows, each labelled),
@@ -40,7 +41,15 @@ from mtlora.eval.outputs import write_suite_outputs
 log = logging.getLogger(__name__)
 
 SUITE = "heldin_gen"
-DEFAULTS = {"limit": None, "max_new_tokens": 128, "stop": [], "batch_tokens": 16384, "max_batch_size": 64}
+DEFAULTS = {
+    "limit": None,
+    "max_new_tokens": 128,
+    "stop": [],
+    "max_input_tokens": None,
+    "truncation_side": "left",
+    "batch_tokens": 16384,
+    "max_batch_size": 64,
+}
 MACRO_LABEL = "unweighted mean over tasks of the per-task score / accuracy"
 MICRO_LABEL = "pooled over all rows (score: accuracy or ROUGE-L F1 per row)"
 
@@ -128,6 +137,8 @@ def run_heldin_gen(
         progress=progress,
         max_batch_size=s["max_batch_size"],
         desc=SUITE,
+        max_input_tokens=s["max_input_tokens"],
+        truncation_side=s["truncation_side"],
     )
     scores: dict[str, list[tuple[bool, float]]] = {n: [] for n in names}
     preds: dict[str, list[dict]] = {n: [] for n in names}

@@ -139,6 +139,12 @@ def test_missing_data_dir_names_path_env_and_hub_id(tmp_path: Path, monkeypatch)
         assert str(tmp_path / "nowhere" / "bbh") in msg and "MTLORA_DATA_DIR" in msg and "lukaemon/bbh" in msg
     with pytest.raises(ConfigError, match="unknown BBH task 'navigat'"):
         resolve_settings({"tasks": ["navigat"]})
+    # eval.bbh.data_dir=hub: mtlora_direct needs no local files; the others still need the prompt files
+    validate_config(compose_train(["eval=bbh", "eval.bbh.data_dir=hub"], run_dir=tmp_path))
+    with pytest.raises(ConfigError, match="has no prompt files"):
+        validate_config(
+            compose_train(["eval=bbh", "eval.bbh.data_dir=hub", "eval/bbh=lmeval_fewshot"], run_dir=tmp_path)
+        )
 
 
 def test_task_id_policy_for_task_aware_adapters(tmp_path: Path) -> None:
@@ -165,7 +171,14 @@ def test_protocol_presets_match_the_library_and_validate(tmp_path: Path) -> None
         dec = bbh.PROTOCOLS[name].decode
         assert cfg.eval.bbh.protocol == name and cfg.eval.bbh.max_new_tokens == dec.max_new_tokens
         assert list(cfg.eval.bbh.stop) == list(dec.stop)
+        settings = resolve_settings(cfg.eval.bbh)
+        assert settings["max_input_tokens"] == dec.max_input_tokens
+        assert settings["truncation_side"] == dec.truncation_side
+    assert resolve_settings({"protocol": "align_lora"})["max_input_tokens"] == 2048
+    assert resolve_settings({"protocol": "align_lora", "max_input_tokens": 0})["max_input_tokens"] is None
     for bad, key in (
+        ("eval.bbh.truncation_side=middle", "eval.bbh.truncation_side"),
+        ("eval.bbh.max_input_tokens=-1", "eval.bbh.max_input_tokens"),
         ("eval.bbh.protocol=nope", "eval.bbh.protocol"),
         ("eval.bbh.tasks=[nope]", "eval.bbh.tasks"),
     ):

@@ -258,6 +258,55 @@ def test_missing_data_errors(tmp_path, monkeypatch):
     assert str(tmp_path / "bbh" / "cot-prompts" / f"{TASK}.txt") in msg and "lukaemon/bbh" in msg
 
 
+def _fake_hub(monkeypatch, rows_by_task: dict[str, list[dict]], calls: list | None = None) -> None:
+    """``datasets.load_dataset`` answering ``(lukaemon/bbh, task, split="test")`` from ``rows_by_task``."""
+    import datasets
+
+    def load_dataset(path, name=None, split=None, **kw):
+        if calls is not None:
+            calls.append((path, name, split))
+        if path != "lukaemon/bbh" or name not in rows_by_task:
+            raise FileNotFoundError(f"Couldn't reach {path} on the Hub (offline)")
+        return [dict(r, extra="ignored") for r in rows_by_task[name]]
+
+    bbh._hub_examples.cache_clear()
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_hub_examples_give_the_same_prompts_as_the_local_files(fake_data, monkeypatch):
+    local = json.loads((fake_data / "bbh" / f"{MCQ}.json").read_text())["examples"]
+    hub_rows = [{"input": r["input"] + " (hub)", "target": r["target"]} for r in local]
+    calls: list = []
+    _fake_hub(monkeypatch, {MCQ: hub_rows}, calls)
+    # mtlora_direct needs only the examples: no local directory at all
+    monkeypatch.setenv("MTLORA_DATA_DIR", str(fake_data / "nowhere"))
+    demos, evals = load_task(MCQ, bbh.HUB, "mtlora_direct")
+    assert demos == [{"input": r["input"], "target": r["target"]} for r in hub_rows[:3]]
+    assert len(evals) == len(hub_rows) - 3
+    s = build_prompt("mtlora_direct", MCQ, "Q?", bbh.HUB)
+    assert s.startswith(f"Q: {hub_rows[0]['input']}\nA: {hub_rows[0]['target']}\n\n") and s.endswith(
+        "Q: Q?\nA:"
+    )
+    assert calls[0] == ("lukaemon/bbh", MCQ, "test")
+    # protocols with prompt files read them from MTLORA_DATA_DIR; without it the error says why
+    with pytest.raises(DataError, match="has no prompt files"):
+        build_prompt("lmeval_fewshot", MCQ, "Q?", bbh.HUB)
+    monkeypatch.setenv("MTLORA_DATA_DIR", str(fake_data))
+    assert build_prompt("lmeval_fewshot", MCQ, "Q?", bbh.HUB) == build_prompt(
+        "lmeval_fewshot", MCQ, "Q?", fake_data
+    )
+    _, evals = load_task(MCQ, bbh.HUB, "lmeval_fewshot")
+    assert [e["input"] for e in evals] == [r["input"] for r in hub_rows]
+
+
+def test_hub_failure_names_the_hub_id_task_and_the_local_way(monkeypatch):
+    _fake_hub(monkeypatch, {})
+    with pytest.raises(DataError) as e:
+        load_task(TASK, bbh.HUB, "mtlora_direct")
+    msg = str(e.value)
+    assert "lukaemon/bbh" in msg and repr(TASK) in msg and "MTLORA_DATA_DIR" in msg and "offline" in msg
+
+
 # ------------------------------------------------------------------ answer types vs real data
 REAL_BBH = Path(os.environ.get("MTLORA_DATA_DIR", bbh.DEFAULT_DATA_DIR)) / "bbh"
 # BBH release quirks: a few non-"(X)" targets in these two multiple-choice tasks.

@@ -158,3 +158,77 @@ def test_merged_adapter_generates_like_unmerged(tmp_path):
     assert unmerged != greedy_generate(base_like, tok, PROMPTS, N_NEW, progress=False, return_ids=True)
     merge_adapters(model)
     assert greedy_generate(model, tok, PROMPTS, N_NEW, progress=False, return_ids=True) == unmerged
+
+
+def _stop_hit_at_different_steps(model, tok, prompts, n_new, task_ids=None):
+    """A stop string (one ASCII character) that some rows generate and others do not, and the full texts."""
+    full = greedy_generate(model, tok, prompts, n_new, task_ids=task_ids, progress=False)
+    for c in sorted({c for t in full for c in t if c.isascii() and c.isprintable()}):
+        hits = [t.find(c) for t in full]
+        if len({h for h in hits if h >= 0}) >= 2 or (0 < sum(h >= 0 for h in hits) < len(full)):
+            return c, full
+    pytest.skip("no stop character separates the rows")  # pragma: no cover - the fixed seed provides one
+
+
+def test_finished_rows_leave_the_batch_and_the_rest_is_unchanged(tmp_path, monkeypatch):
+    """Rows that hit a stop string are dropped from the batch (KV cache, mask, positions and the adapters'
+    task ids); the other rows generate exactly what they generate alone, and what the no-drop path gives."""
+    import mtlora.eval.generate as gen
+
+    model, tok = _model(tmp_path, ["adapter=mtl_lora"])
+    prompts, task_ids, n_new = PROMPTS, [2, 0, 1, 0, 2], 16
+    stop, full = _stop_hit_at_different_steps(model, tok, prompts, n_new, task_ids)
+    rows_seen: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        got = greedy_generate(model, tok, prompts, n_new, stop=(stop,), task_ids=task_ids, progress=False)
+    finally:
+        hook.remove()
+    assert got == [f[: f.find(stop)] if stop in f else f for f in full]
+    assert rows_seen[0] == len(prompts) and min(rows_seen) < len(prompts)  # the batch shrank
+    assert rows_seen == sorted(rows_seen, reverse=True)
+    # each row equals its own one-prompt, one-task reference decode, cut at the stop string
+    for p, t, g in zip(prompts, task_ids, got):
+        ref = tok.decode(_reference(model, tok, p, n_new, t), skip_special_tokens=True)
+        assert g == (ref[: ref.find(stop)] if stop in ref else ref)
+    # a cache that cannot drop rows: the finished rows keep running and are ignored, same result
+    monkeypatch.setattr(gen, "_select_rows", lambda cache, keep: False)
+    assert greedy_generate(model, tok, prompts, n_new, stop=(stop,), task_ids=task_ids, progress=False) == got
+
+
+def test_stop_window_sees_multi_token_stop_strings(tiny):
+    """A stop string longer than one token (a whole later chunk of a continuation) is still found."""
+    model, tok = tiny
+    full = greedy_generate(model, tok, PROMPTS, 24, progress=False)
+    text = max(full, key=len)
+    stop = text[10:16]  # six characters from the middle: several tokens with the byte tokenizer
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) > 1
+    got = greedy_generate(model, tok, PROMPTS, 24, stop=(stop,), progress=False)
+    assert got == [f[: f.find(stop)] if stop in f else f for f in full]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_max_input_tokens_truncates_prompts_like_generating_from_the_kept_tokens(tiny, side):
+    model, tok = tiny
+    n = 6
+    stats: dict = {}
+    got = greedy_generate(
+        model, tok, PROMPTS, N_NEW, progress=False, return_ids=True, max_input_tokens=n,
+        truncation_side=side, stats=stats,
+    )  # fmt: skip
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    kept = [(x[-n:] if side == "left" else x[:n]) for x in ids]
+    assert stats["truncated"] == sum(len(x) > n for x in ids) > 0
+    for g, k, x in zip(got, kept, ids):
+        ref: list[int] = []
+        with torch.no_grad():
+            for _ in range(N_NEW):
+                t = int(model(input_ids=torch.tensor([k + ref])).logits[0, -1].argmax())
+                if t == tok.eos_token_id:
+                    break
+                ref.append(t)
+        assert g == ref
+    with pytest.raises(ValueError, match="truncation_side"):
+        greedy_generate(model, tok, PROMPTS, 1, progress=False, max_input_tokens=4, truncation_side="middle")
