@@ -2,8 +2,9 @@
 
 Composes the same config as ``python -m mtlora.train`` (``conf/train.yaml``), builds ``model.arch`` on the
 meta device (no weights, no download, no memory), injects ``adapter`` with its ``target_modules`` and
-prints one table: total parameters, trainable (adapter) parameters, the trainable share in %, and the
-number of adapted modules. Nothing is written: no run dir, no ``.hydra/``, no log file.
+prints one table: total parameters, trainable (adapter) parameters, the trainable share in %, the
+router/gate parameters among them and the share without them, and the number of adapted modules. Nothing
+is written: no run dir, no ``.hydra/``, no log file.
 
 Usage::
 
@@ -14,6 +15,11 @@ Usage::
 
 Percentages are of the adapted model's total (base + adapter), as peft's ``print_trainable_parameters``
 reports them. A target list that matches no module fails with a ``ConfigError`` naming the modules there are.
+
+Router/gate parameters are the trainable tensors named in :data:`ROUTER_PARAMS` (token routers of
+HydraLoRA, R-LoRA, MoLoRA and mtLoRA; MOELoRA's task embedding and gate; MTL-LoRA's task mixing logits).
+Papers differ on counting them: HydraLoRA's 0.341% (r=8 on q,v, 10 heads, LLaMA-2-7B) excludes the router,
+``trainable % w/o router`` = ``(trainable − router) / (total − router)``; mtLoRA's 39.8 M includes it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from mtlora.models.loading import count_parameters, meta_model
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
+
+#: last name parts of the trainable parameters that route or gate (counted separately)
+ROUTER_PARAMS = ("lora_router", "lora_gate", "lora_task_embedding", "lora_task_logits")
 
 # Applied unless given on the command line: counting writes nothing (Hydra would otherwise create the run
 # dir of conf/hydra/default.yaml with `.hydra/` and a log file in it).
@@ -47,6 +56,8 @@ def count(cfg: DictConfig) -> dict[str, Any]:
     inject_adapters(model, cfg.adapter)
     params = count_parameters(model)
     layers = adapter_layers(model)
+    router = _router_parameters(model)
+    rest = params["trainable"] - router
     return {
         "model": cfg.model.name,
         "adapter": cfg.adapter.name,
@@ -56,9 +67,20 @@ def count(cfg: DictConfig) -> dict[str, Any]:
         "total": params["total"],
         "trainable": params["trainable"],
         "trainable_pct": params["trainable_pct"],
+        "router": router,
+        "trainable_pct_no_router": 100.0 * rest / max(params["total"] - router, 1),
         "adapted_modules": len(layers),
         "adapted_kinds": sorted({n.rsplit(".", 1)[-1] for n in layers}),
     }
+
+
+def _router_parameters(model) -> int:
+    """Trainable parameters whose name ends in one of :data:`ROUTER_PARAMS` (shared ones counted once)."""
+    seen: dict[int, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name.rsplit(".", 1)[-1] in ROUTER_PARAMS:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
 
 
 def _targets_shown(adapter: DictConfig) -> Any:
@@ -83,6 +105,8 @@ def format_table(res: dict[str, Any]) -> str:
         ("total parameters", f"{res['total']:,}"),
         ("trainable parameters", f"{res['trainable']:,}"),
         ("trainable %", f"{res['trainable_pct']:.4f}%"),
+        ("router/gate parameters", f"{res['router']:,}"),
+        ("trainable % w/o router", f"{res['trainable_pct_no_router']:.4f}%"),
     ]
     w = max(len(k) for k, _ in rows)
     v = max(len(val) for _, val in rows)

@@ -4,6 +4,7 @@ Usage::
 
     python -m mtlora.export run_dir=RUN format=peft   out=DIR   # peft LoRA (adapter_config.json + weights)
     python -m mtlora.export run_dir=RUN format=merged out=DIR   # a full HF model with the adapter merged in
+    python -m mtlora.export run_dir=RUN format=merged out=DIR task_id=arithmetic   # task-aware: one task
 
 Options: ``overwrite=true`` (write into a non-empty ``out``), ``allow_incomplete=true`` (export a run that
 is not ``COMPLETED``). ``out`` defaults to ``RUN/export/<format>``.
@@ -12,6 +13,7 @@ is not ``COMPLETED``). ``out`` defaults to ``RUN/export/<format>``.
 
     DIR/adapter_config.json          peft's LoraConfig (peft_type LORA, r, lora_alpha, target_modules, ...)
     DIR/adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight
+                                     (+ .lora_magnitude_vector for DoRA)
     DIR/base_model/                  config-built models (model.init=random) only: the exact base weights
                                      and tokenizer as a Hugging Face model dir
     DIR/tokenizer files
@@ -25,9 +27,21 @@ For ``model.init=pretrained`` runs ``base_model_name_or_path`` is the hub id (``
 pinned one). ``format=merged`` writes ``W0 + s·BA`` into each adapted ``nn.Linear`` and saves a plain
 model: ``AutoModelForCausalLM.from_pretrained("DIR")``.
 
-Only mergeable adapters export: ``merged`` needs every adapter layer to be mergeable, ``peft`` needs plain
-LoRA (``adapter.method=lora``). Adapters that route on the token input or the task id have no such form;
-load them with :func:`mtlora.load.load_run`.
+``format=peft`` takes plain LoRA (``adapter.method=lora`` and the LoRA-based ``align_*``, ``meta_lora``,
+``lorahub``) as is, DoRA as peft's ``use_dora=True`` (``A``, ``B``, magnitude ``m``; the same forward), and
+M-LoRA converted to one LoRA: the shared ``A`` and ``s·c·Σ_i B_i`` (``c`` = 1 for ``combine=sum``, ``1/N``
+for ``mean``), with R-LoRA's frozen initial-output offset appended as ``r`` more rank
+(``A' = [A; A_0]``, ``B' = s·[c Σ_i B_i, −B̄_0]``, so ``B'A' = ΔW`` exactly); its ``r`` is ``2·rank``
+(``rank`` without the offset) and ``lora_alpha = r`` (peft's scaling 1, ``s`` folded into ``B'``).
+
+Task-aware runs (``mtl_lora``, ``moelora``) export ``merged`` for one task: ``task_id=`` a training task
+name or its id (the index in ``task_names`` of ``adapter/adapter_config.json``) folds that task's
+``ΔW_t`` into the base weights; the exported model equals the run's model on rows of that task, and
+``mtlora_export.json`` records ``task_id`` and ``task_name``.
+
+Only mergeable adapters export: ``merged`` needs every adapter layer to be mergeable (per task for the
+task-aware ones), ``peft`` needs LoRA, DoRA or M-LoRA (above). Adapters that route on the token
+input have no such form; load them with :func:`mtlora.load.load_run`.
 """
 
 from __future__ import annotations
@@ -43,7 +57,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mtlora.adapters import adapter_layers, find_targets, merge_adapters
+from mtlora.adapters.base import AdapterLayer
+from mtlora.adapters.dora import DoraLinear
 from mtlora.adapters.lora import LoraLinear, lora_scaling
+from mtlora.adapters.multihead import MLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
 from mtlora.load import RunLoadError, check_run_dir, load_run
@@ -52,6 +69,9 @@ from mtlora.run.rundir import load_resolved_config
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main"]
 
 FORMATS = ("peft", "merged")
+#: the layer classes ``format=peft`` writes (module doc)
+PEFT_CLASSES = (LoraLinear, DoraLinear, MLoraLinear)
+PEFT_METHODS = sorted(m for m, c in ADAPTER_METHODS.items() if c in PEFT_CLASSES)
 EXPORT_INFO = "mtlora_export.json"
 PEFT_PREFIX = "base_model.model."
 log = logging.getLogger("mtlora.export")
@@ -66,17 +86,65 @@ def _check_method(run_dir: Path, method: str, fmt: str) -> None:
     cls = ADAPTER_METHODS.get(method)
     if cls is None:
         raise ExportError(f"run dir {run_dir}: adapter.method={method!r} is not a known adapter method")
-    if fmt == "peft" and cls is not LoraLinear:
+    if fmt == "peft" and cls not in PEFT_CLASSES:
+        if cls.mergeable:
+            hint = " (try format=merged)"
+        elif cls.per_task_mergeable:
+            hint = " (try format=merged task_id=<task>)"
+        else:
+            hint = "; load it with mtlora.load.load_run"
         raise ExportError(
-            f"run dir {run_dir}: format=peft writes a plain peft LoRA, but this run's adapter is "
-            f"adapter.method={method!r} ({cls.__name__}); only adapter.method=lora exports to peft"
-            + (" (try format=merged)" if cls.mergeable else "; load it with mtlora.load.load_run")
+            f"run dir {run_dir}: format=peft writes a peft LoRA (or DoRA), but this run's adapter is "
+            f"adapter.method={method!r} ({cls.__name__}); only adapter.method in {PEFT_METHODS} exports "
+            f"to peft{hint}"
         )
-    if fmt == "merged" and not cls.mergeable:
+    if fmt == "merged" and not (cls.mergeable or cls.per_task_mergeable):
         raise ExportError(
-            f"run dir {run_dir}: adapter.method={method!r} ({cls.__name__}) routes on the token input or "
-            "the task id and cannot be merged into the base weights; load it with mtlora.load.load_run"
+            f"run dir {run_dir}: adapter.method={method!r} ({cls.__name__}) routes on the token input and "
+            "cannot be merged into the base weights; load it with mtlora.load.load_run"
         )
+
+
+def _run_task_names(run_dir: Path, cfg) -> list[str]:
+    """The run's training task names in task-id order (``adapter/adapter_config.json``, else the config)."""
+    path = run_dir / "adapter" / "adapter_config.json"
+    names = json.loads(path.read_text()).get("task_names") if path.exists() else None
+    if names is None:
+        names = cfg.data.get("select") or cfg.data.get("tasks") or []
+    return [str(n) for n in names]
+
+
+def _resolve_task_id(run_dir: Path, cfg, task_id: int | str | None) -> tuple[int, str | None] | None:
+    """``task_id`` (an id or a task name) as ``(id, name)`` for a task-aware run; None for the others.
+
+    Raises :class:`ExportError` naming ``task_id`` when a task-aware run lacks it, when the value is not
+    one of the run's tasks, or when a run that merges without one is given one."""
+    method = cfg.adapter.method
+    per_task = ADAPTER_METHODS[method].per_task_mergeable
+    names = _run_task_names(run_dir, cfg)
+    if not per_task:
+        if task_id is not None:
+            raise ExportError(
+                f"run dir {run_dir}: task_id={task_id!r} applies only to task-aware runs (adapter.method "
+                f"mtl_lora or moelora); adapter.method={method!r} merges without one: drop task_id"
+            )
+        return None
+    if task_id is None:
+        raise ExportError(
+            f"run dir {run_dir}: adapter.method={method!r} keeps per-task weights, so format=merged folds "
+            f"in one task's: give task_id=<task name or id> (tasks: {names})"
+        )
+    n = int(cfg.adapter.num_tasks)
+    if isinstance(task_id, str) and task_id in names:
+        return names.index(task_id), task_id
+    if isinstance(task_id, str) and task_id.strip().lstrip("-").isdigit():
+        task_id = int(task_id)
+    if isinstance(task_id, int) and not isinstance(task_id, bool) and 0 <= task_id < n:
+        return task_id, names[task_id] if len(names) == n else None
+    raise ExportError(
+        f"run dir {run_dir}: task_id={task_id!r} is not a task of this run; give a task name {names} or an "
+        f"id in [0, {n})"
+    )
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
@@ -117,6 +185,21 @@ def _write_info(out: Path, run_dir: Path, fmt: str, extra: dict | None = None) -
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _peft_tensors(layer: AdapterLayer) -> dict[str, torch.Tensor]:
+    """One layer's tensors under peft's key suffixes (module doc): LoRA ``A``/``B``, DoRA also ``m``,
+    M-LoRA as one LoRA ``B'A' = ΔW``."""
+    if isinstance(layer, MLoraLinear):
+        a, b = layer.lora_A.float(), layer.lora_B.float().sum(0) * layer.head_coef
+        if layer.has_offset:
+            a = torch.cat([a, layer.lora_offset_A.float()], dim=0)
+            b = torch.cat([b, -layer.lora_offset_B.float()], dim=1)
+        return {"lora_A.weight": a, "lora_B.weight": b * layer.scaling}
+    out = {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+    if isinstance(layer, DoraLinear):
+        out["lora_magnitude_vector"] = layer.lora_magnitude
+    return out
+
+
 def export_peft(
     run_dir: str | Path, out: str | Path, overwrite: bool = False, allow_incomplete: bool = False
 ) -> Path:
@@ -127,9 +210,10 @@ def export_peft(
     out = _check_out(Path(out), overwrite)
     model, tokenizer = load_run(run_dir, allow_incomplete=allow_incomplete)
     layers = adapter_layers(model)
-    others = sorted({type(m).__name__ for m in layers.values() if type(m) is not LoraLinear})
-    if others:
-        raise ExportError(f"run dir {run_dir}: format=peft needs plain LoRA layers, found {others}")
+    kinds = {type(m) for m in layers.values()}
+    if len(kinds) != 1 or not kinds <= set(PEFT_CLASSES):
+        found = sorted(k.__name__ for k in kinds)
+        raise ExportError(f"run dir {run_dir}: format=peft needs LoRA, DoRA or M-LoRA layers, found {found}")
     a = cfg.adapter
     rank, alpha, rslora = int(a.rank), float(a.alpha), bool(a.use_rslora)
     for name, layer in layers.items():
@@ -140,8 +224,17 @@ def export_peft(
 
     weights: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        weights[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        weights[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        for key, t in _peft_tensors(layer).items():
+            weights[f"{PEFT_PREFIX}{name}.{key}"] = t.detach().float().cpu().contiguous()
+    dora = kinds == {DoraLinear}
+    if kinds == {MLoraLinear}:  # one converted LoRA: scaling folded into B' (module doc)
+        ranks = {int(w.shape[0]) for k, w in weights.items() if k.endswith("lora_A.weight")}
+        if len(ranks) != 1:
+            raise ExportError(f"run dir {run_dir}: M-LoRA layers of different ranks {sorted(ranks)}")
+        rank = ranks.pop()
+        alpha, rslora, dropout = float(rank), False, 0.0  # multi-head dropout has no peft form
+    else:
+        dropout = float(a.dropout)
     adapted = list(layers)
     base = _strip_adapters(model)
     if cfg.model.init == "pretrained":
@@ -159,7 +252,7 @@ def export_peft(
         "revision": revision,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": float(a.dropout),
+        "lora_dropout": dropout,
         "use_rslora": rslora,
         "target_modules": _peft_target_modules(base, adapted),
         "bias": "none",
@@ -171,7 +264,7 @@ def export_peft(
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": dora,
     }
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -191,12 +284,19 @@ def _tied_adapted_weights(model: nn.Module) -> list[str]:
 
 
 def export_merged(
-    run_dir: str | Path, out: str | Path, overwrite: bool = False, allow_incomplete: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    task_id: int | str | None = None,
 ) -> Path:
-    """Merge the run's adapters into the base weights and save a plain HF model dir; returns ``out``."""
+    """Merge the run's adapters into the base weights and save a plain HF model dir; returns ``out``.
+
+    ``task_id`` (a training task name or id) is required for task-aware runs, refused for the others."""
     run_dir = check_run_dir(run_dir, allow_incomplete)
     cfg = load_resolved_config(run_dir)
     _check_method(run_dir, cfg.adapter.method, "merged")
+    task = _resolve_task_id(run_dir, cfg, task_id)
     out = _check_out(Path(out), overwrite)
     model, tokenizer = load_run(run_dir, allow_incomplete=allow_incomplete)
     tied = _tied_adapted_weights(model)
@@ -206,14 +306,14 @@ def export_merged(
             "embeddings); merging would change both. Export format=peft instead"
         )
     try:
-        merge_adapters(model)
-    except TypeError as e:
+        merge_adapters(model, task_id=None if task is None else task[0])
+    except (TypeError, ValueError) as e:
         raise ExportError(f"run dir {run_dir}: {e}") from e
     merged = _strip_adapters(model)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    _write_info(out, run_dir, "merged")
+    _write_info(out, run_dir, "merged", None if task is None else {"task_id": task[0], "task_name": task[1]})
     return out
 
 
@@ -223,25 +323,30 @@ def export_run(
     out: str | Path | None = None,
     overwrite: bool = False,
     allow_incomplete: bool = False,
+    task_id: int | str | None = None,
 ) -> Path:
-    """Export ``run_dir`` in ``format`` (``peft`` or ``merged``) into ``out`` (default ``RUN/export/<format>``)."""
+    """Export ``run_dir`` in ``format`` (``peft`` or ``merged``) into ``out`` (default ``RUN/export/<format>``);
+    ``task_id`` (``merged`` of task-aware runs): the task to merge, by name or id."""
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: allowed values are {list(FORMATS)}")
     out = Path(run_dir) / "export" / format if out is None else Path(out)
-    fn = export_peft if format == "peft" else export_merged
-    return fn(run_dir, out, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    if format == "merged":
+        return export_merged(run_dir, out, overwrite, allow_incomplete, task_id=task_id)
+    if task_id is not None:
+        raise ExportError(f"task_id={task_id!r} applies only to format=merged (of task-aware runs)")
+    return export_peft(run_dir, out, overwrite=overwrite, allow_incomplete=allow_incomplete)
 
 
 USAGE = (
     "usage: python -m mtlora.export run_dir=RUN format=peft|merged [out=DIR] [overwrite=true] "
-    "[allow_incomplete=true]"
+    "[allow_incomplete=true] [task_id=TASK (merged, task-aware runs)]"
 )
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def parse_args(argv: Sequence[str]) -> dict:
     """``key=value`` arguments → keyword arguments of :func:`export_run` (raises ``ValueError``)."""
-    known = {"run_dir", "format", "out", "overwrite", "allow_incomplete"}
+    known = {"run_dir", "format", "out", "overwrite", "allow_incomplete", "task_id"}
     args: dict = {}
     for item in argv:
         key, sep, value = item.partition("=")
@@ -276,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, RunLoadError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    log.info("exported %s (format=%s) to %s", args["run_dir"], args["format"], out)
+    task = f", task_id={args['task_id']}" if args.get("task_id") is not None else ""
+    log.info("exported %s (format=%s%s) to %s", args["run_dir"], args["format"], task, out)
     if args["format"] == "peft":
         info = json.loads((out / EXPORT_INFO).read_text())
         log.info(

@@ -3,6 +3,8 @@
 An adapter layer wraps a frozen ``nn.Linear`` (``base_layer``) and adds a trainable update:
 ``h = W0 x + Δ(x)``. Subclasses implement :meth:`delta`; mergeable ones also implement
 :meth:`delta_weight` so that ``W = W0 + ΔW`` can be folded into the base weight and taken out again.
+Task-aware layers (:class:`mtlora.adapters.mtl_lora.TaskAwareLayer`) merge one task's
+``W = W0 + ΔW_t`` instead (``merge(task_id)``, :attr:`per_task_mergeable`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def is_int(v, lo: int) -> bool:
 class AdapterLayer(nn.Module):
     #: whether the update can be folded into the base weight (no routing on the token input)
     mergeable: ClassVar[bool] = False
+    #: whether ``merge(task_id)`` folds one task's update ``ΔW_t`` into the base weight (task-aware layers)
+    per_task_mergeable: ClassVar[bool] = False
     #: whether the layer needs ``context.task_ids`` in every forward
     needs_task_ids: ClassVar[bool] = False
     #: optional knobs read from ``adapter.<key>`` by :meth:`from_config` (a missing key gives None, and the

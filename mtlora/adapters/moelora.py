@@ -14,8 +14,10 @@ For a row of task ``t``:
   (``lora_gate``, kaiming-uniform(a=√5) as nn.Linear), gate logits and softmax in fp32;
 * ``s = α/r`` over the total rank (``α/√r`` with ``use_rslora``).
 
-Each row uses its own task id (``context.task_ids``, required in train and eval). Not mergeable for the
-whole model; :meth:`merged_delta_weight` gives ``ΔW_t = s Σ_i ω_i(t) B_i A_i`` for one task.
+Each row uses its own task id (``context.task_ids``, required in train and eval). Not mergeable for all
+tasks at once; merged per task: ``merge(task_id=t)`` folds ``ΔW_t = s Σ_i ω_i(t) B_i A_i``
+(:meth:`merged_delta_weight`) into the base weight, after which the layer serves rows of task ``t`` only
+(:class:`~mtlora.adapters.mtl_lora.TaskAwareLayer`).
 """
 
 from __future__ import annotations

@@ -71,19 +71,48 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
     load_adapter_state_dict(model, load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (raises for adapters that cannot merge)."""
+def merge_adapters(model: nn.Module, task_id: int | None = None) -> None:
+    """Fold every adapter into its base weight; all or nothing (raises before changing any weight).
+
+    Task-aware adapters (MTL-LoRA, MOELoRA: ``per_task_mergeable``) keep per-task weights and merge for
+    one task only: pass ``task_id`` (an int in ``[0, num_tasks)``), and they fold in ``ΔW_t``; the merged
+    model then serves rows of that task (no task ids needed). Raises ``TypeError`` for adapters that cannot
+    merge (token routing) or for task-aware ones without ``task_id``, ``ValueError`` for a ``task_id`` that
+    is out of range or given to a model without task-aware adapters."""
     layers = adapter_layers(model)
-    blocked = sorted({type(m).__name__ for m in layers.values() if not m.mergeable})
+    per_task = sorted({type(m).__name__ for m in layers.values() if m.per_task_mergeable})
+    blocked = sorted({type(m).__name__ for m in layers.values() if not (m.mergeable or m.per_task_mergeable)})
     if blocked:
         raise TypeError(
-            f"adapters {blocked} cannot be merged into one weight (they route per token or keep per-task "
-            "weights; task-aware adapters offer merged_delta_weight(task_id))"
+            f"adapters {blocked} cannot be merged into one weight (they route per token); run the model "
+            "unmerged"
         )
+    if per_task and task_id is None:
+        raise TypeError(
+            f"adapters {per_task} keep per-task weights and cannot be merged for all tasks at once; merge "
+            "them for one task with merge_adapters(model, task_id=t)"
+        )
+    if task_id is not None and not per_task:
+        raise ValueError(
+            f"task_id={task_id!r}: only task-aware adapters (mtl_lora, moelora) merge per task; this "
+            "model's adapters merge without one"
+        )
+    for name, layer in layers.items():  # checked on every layer before any weight changes
+        if layer.per_task_mergeable:
+            layer._task_id(task_id)
+            if layer.merged and layer.merged_task != task_id:
+                raise ValueError(
+                    f"{name} is merged for task {layer.merged_task}; unmerge_adapters(model) before "
+                    f"merging task {task_id}"
+                )
     for layer in layers.values():
-        layer.merge()
+        if layer.per_task_mergeable:
+            layer.merge(task_id)
+        else:
+            layer.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
+    """Take every merged adapter out of its base weight again (per-task merges included)."""
     for layer in adapter_layers(model).values():
         layer.unmerge()

@@ -77,3 +77,40 @@ def test_default_overrides_respect_user_values() -> None:
     assert "hydra.run.dir=." not in argv
     assert "hydra.output_subdir=null" in argv
     assert "hydra/job_logging=none" in argv
+
+
+def test_router_parameters_are_shown_apart_hydralora_paper_share() -> None:
+    """HydraLoRA's 0.341% (methods.md §1: LLaMA-2-7B, r=8 on q,v, 10 B-heads) excludes the router."""
+    qv = "adapter.target_modules=[q_proj,v_proj]"
+    cfg = compose_train(
+        ["model=llama2-7b", "adapter=hydralora", "adapter.rank=8", "adapter.num_heads=10", qv]
+    )
+    res = count(cfg)
+    d, layers = 4096, 2 * 32
+    router = layers * 10 * d  # W_r: heads x d_in per layer
+    assert res["router"] == router
+    assert res["trainable"] == layers * (8 * d + 10 * d * 8) + router  # A + 10 B-heads + router
+    assert res["trainable_pct"] == pytest.approx(0.3798, abs=1e-4)
+    no_router = 100 * (res["trainable"] - router) / (res["total"] - router)
+    assert res["trainable_pct_no_router"] == pytest.approx(no_router)
+    assert round(res["trainable_pct_no_router"], 3) == 0.341  # the paper's number
+    table = format_table(res)
+    assert table_value(table, "router/gate parameters") == f"{router:,}"
+    assert table_value(table, "trainable % w/o router") == "0.3412%"
+    assert len({len(line) for line in table.splitlines()}) == 1
+
+
+@pytest.mark.parametrize(
+    ("adapter", "router_per_layer"),
+    [("lora", 0), ("mlora", 0), ("moelora", 4 * 64 + 4 * 64), ("mtl_lora", 4 * 3)],
+)
+def test_router_count_per_adapter(adapter: str, router_per_layer: int) -> None:
+    """Task gates count as router: MOELoRA's task embedding (tasks x 64) and gate (experts x 64), MTL-LoRA's
+    task mixing logits (tasks x up-projections); 4 tasks in the default mixture."""
+    cfg = compose_train(["model=llama2-7b", f"adapter={adapter}", "adapter.target_modules=[q_proj,v_proj]"])
+    res = count(cfg)
+    assert res["router"] == 64 * router_per_layer
+    if not router_per_layer:
+        assert res["trainable_pct_no_router"] == pytest.approx(res["trainable_pct"])
+    else:
+        assert res["trainable_pct_no_router"] < res["trainable_pct"]
