@@ -16,7 +16,8 @@ Config (``eval.bbh``, presets in ``conf/eval/bbh/<protocol>.yaml``)::
     task_id         task id given to task-aware adapters (BBH tasks are unseen in training): null = error
                     when the adapter needs task ids; an int or a training-task name = that task's id for
                     every BBH prompt
-    merge           fold mergeable adapters into the base weights while generating (unmerged after)
+    merge           fold mergeable adapters into the base weights while generating (unmerged after); task-aware
+                    adapters are merged for ``task_id``
     data_dir        null: $MTLORA_DATA_DIR (the directory holding bbh/); ``hub``: the task examples from
                     lukaemon/bbh (prompt files of the four protocols that need them: still $MTLORA_DATA_DIR)
 
@@ -149,7 +150,7 @@ def run_bbh(
     if s["merge"]:
         from mtlora.adapters import merge_adapters
 
-        merge_adapters(model)
+        merge_adapters(model, task_id=task_id)  # task-aware adapters: merged for the eval task id
         merged = True
     try:
         gens = greedy_generate(

@@ -35,6 +35,11 @@ def needs_task_ids(model: torch.nn.Module) -> bool:
     )
 
 
+def merged_for_a_task(model: torch.nn.Module) -> bool:
+    """Whether some task-aware adapter layer of ``model`` is merged for one task (``merge(task_id=t)``)."""
+    return any(getattr(m, "merged_task", None) is not None for m in model.modules())
+
+
 def plan_batches(
     lengths: Sequence[int], batch_tokens: int, max_batch_size: int | None = None
 ) -> list[list[int]]:
@@ -225,8 +230,8 @@ def greedy_generate(
             raise ValueError(
                 "the model's adapter needs one task id per row (task-aware adapter, not merged); pass task_ids"
             )
-    else:
-        task_ids = None
+    elif not merged_for_a_task(model):
+        task_ids = None  # kept for a model merged for one task: its layers refuse rows of other tasks
     if task_ids is not None and not isinstance(task_ids, int) and len(task_ids) != len(prompts):
         raise ValueError(f"task_ids has {len(task_ids)} entries for {len(prompts)} prompts")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

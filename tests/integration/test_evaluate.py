@@ -204,3 +204,38 @@ def test_base_model_baseline_and_command_line_options(tmp_path: Path) -> None:
         evaluate(cfg, {"adapter_none": True})
     with pytest.raises(ConfigError, match="eval.suites"):
         evaluate(compose_train(["eval=none"]), {"adapter_none": True, "out": str(tmp_path)})
+
+
+def test_merge_of_a_task_aware_adapter_uses_the_eval_task_id(tmp_path: Path) -> None:
+    """``eval.bbh.merge=true`` on MTL-LoRA folds in ΔW of ``eval.bbh.task_id`` and gives the unmerged
+    predictions of that task; the weights are restored afterwards."""
+    from mtlora.adapters import inject_adapters
+
+    cfg = compose_train(["adapter=mtl_lora"], run_dir=tmp_path)
+    tok, model = build_tokenizer(cfg.model), build_model(cfg.model)
+    inject_adapters(model, cfg.adapter)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero adapter weights, so that the task id matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = list(cfg.data.tasks)
+    base = {"tasks": ["navigate"], "limit": 2, "max_new_tokens": 6, "task_id": names[1]}
+    runs = {}
+    for merge in (False, True):
+        out = tmp_path / f"merge_{merge}"
+        run_bbh(model, tok, {**base, "merge": merge}, out, task_names=names, progress=False)
+        runs[merge] = [
+            json.loads(x)["generation"] for x in (out / "predictions/bbh_mtlora_direct/navigate.jsonl").open()
+        ]
+    assert runs[True] == runs[False]
+    other = tmp_path / "other_task"
+    run_bbh(model, tok, {**base, "task_id": names[0]}, other, task_names=names, progress=False)
+    assert [
+        json.loads(x)["generation"] for x in (other / "predictions/bbh_mtlora_direct/navigate.jsonl").open()
+    ] != runs[False]
+    assert all(
+        torch.equal(v, before[k]) or torch.allclose(v, before[k], atol=1e-6)
+        for k, v in model.state_dict().items()
+    )

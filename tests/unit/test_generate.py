@@ -221,7 +221,7 @@ def test_max_input_tokens_truncates_prompts_like_generating_from_the_kept_tokens
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     kept = [(x[-n:] if side == "left" else x[:n]) for x in ids]
     assert stats["truncated"] == sum(len(x) > n for x in ids) > 0
-    for g, k, x in zip(got, kept, ids):
+    for g, k in zip(got, kept):
         ref: list[int] = []
         with torch.no_grad():
             for _ in range(N_NEW):
@@ -232,3 +232,15 @@ def test_max_input_tokens_truncates_prompts_like_generating_from_the_kept_tokens
         assert g == ref
     with pytest.raises(ValueError, match="truncation_side"):
         greedy_generate(model, tok, PROMPTS, 1, progress=False, max_input_tokens=4, truncation_side="middle")
+
+
+def test_model_merged_for_one_task_generates_that_task_and_refuses_others(tmp_path):
+    model, tok = _model(tmp_path, ["adapter=mtl_lora"])
+    unmerged = greedy_generate(model, tok, PROMPTS[:3], 6, task_ids=2, progress=False, return_ids=True)
+    merge_adapters(model, task_id=2)
+    assert greedy_generate(model, tok, PROMPTS[:3], 6, progress=False, return_ids=True) == unmerged
+    assert (
+        greedy_generate(model, tok, PROMPTS[:3], 6, task_ids=2, progress=False, return_ids=True) == unmerged
+    )
+    with pytest.raises(ValueError, match="merged for task 2"):
+        greedy_generate(model, tok, PROMPTS[:3], 6, task_ids=[2, 0, 2], progress=False)
