@@ -6,7 +6,15 @@ config group (``default`` unless given; every one of its ``which``, the schedule
 run's training rows (gradient conflict, routing) and held-out rows (divergence, t-SNE of representations).
 Writes into the run dir: records with ``"source": "diagnose"`` appended to ``metrics/diagnostics.jsonl``
 and plots under ``plots/diagnostics/`` (``*_diagnose_step<N>.png``). Nothing else is written: no Hydra
-output dir, no ``.hydra/``, no log file (as :mod:`mtlora.count`).
+output dir, no ``.hydra/``, no log file (as :mod:`mtlora.count`) -- except the tracker's files below.
+
+Tracker: when the run logged to wandb (``logger=wandb|wandb_offline``), the scalars (``diag/<name>/<stat>``
+at the run's last step) go to a **new** wandb run (``job_type: diagnose``, name ``<run_name>-diagnose``) in
+the run's project, entity and group, with the same mode (files under ``<run_dir>/wandb/``; its config holds
+the diagnosed run dir and wandb id). A new run, not the training run resumed: wandb drops values logged at
+a step the run has already passed. ``logger=`` on the command line overrides the choice: ``logger=none``
+logs nothing, ``logger=wandb_offline`` logs offline (also for a run trained without wandb, then into
+project ``logger.wandb.project`` and the run's ``task_name`` as group).
 
 Usage::
 
@@ -14,16 +22,20 @@ Usage::
     python -m mtlora.diagnose run_dir=R diagnostics=full                  # t-SNE plots too
     python -m mtlora.diagnose run_dir=R 'diagnostics.which=[conflict]' diagnostics.conflict.batches_per_task=8
     python -m mtlora.diagnose run_dir=R device=cuda allow_incomplete=true
+    python -m mtlora.diagnose run_dir=R logger=wandb_offline              # scalars to an offline wandb run
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import uuid
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.count import NO_OUTPUT_OVERRIDES
@@ -49,10 +61,57 @@ def final_step(run_dir: Path) -> int:
     return 0
 
 
+def _is_wandb(logger: DictConfig | None) -> bool:
+    return logger is not None and str(logger.get("name", "none")).startswith("wandb")
+
+
+class DiagnoseTracker:
+    """A new wandb run for the records of one ``diagnose`` call (see the module doc); ``log``/``finish`` as
+    :class:`mtlora.run.tracker.Tracker`, whose id file (``wandb_id.txt``, the training run's) is left alone."""
+
+    def __init__(self, saved: DictConfig, run_dir: Path, logger: DictConfig, diag_cfg: DictConfig) -> None:
+        import wandb
+
+        trained = saved.get("logger")
+        w = (trained if _is_wandb(trained) else logger).wandb
+        id_file = run_dir / "wandb_id.txt"
+        os.environ.setdefault("WANDB_START_METHOD", "thread")
+        config = OmegaConf.to_container(saved, resolve=True)
+        config["diagnose"] = {
+            "run_dir": str(run_dir),
+            "wandb_id": id_file.read_text().strip() if id_file.exists() else None,
+            "diagnostics": OmegaConf.to_container(diag_cfg, resolve=True),
+        }
+        self.run = wandb.init(
+            project=w.project,
+            entity=w.get("entity"),
+            group=w.get("group") if _is_wandb(trained) else str(saved.get("task_name", "train")),
+            job_type="diagnose",
+            name=f"{saved.get('run_name', run_dir.name)}-diagnose",
+            tags=list(w.get("tags") or []) if _is_wandb(trained) else list(saved.get("tags") or []),
+            dir=str(run_dir),
+            id=uuid.uuid4().hex[:12],
+            mode=logger.wandb.mode,
+            config=config,
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
 def diagnose(
-    run_dir: str | Path, diag_cfg: DictConfig, device: str = "cpu", allow_incomplete: bool = False
+    run_dir: str | Path,
+    diag_cfg: DictConfig,
+    device: str = "cpu",
+    allow_incomplete: bool = False,
+    logger: DictConfig | None = None,
 ) -> list[dict]:
-    """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written."""
+    """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
+
+    ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``)."""
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
     from mtlora.load import load_run
@@ -72,7 +131,17 @@ def diagnose(
         source="diagnose",
         method=str(saved.adapter.get("method")),
     )
-    return runner.run(final_step(run_dir), "diagnose")
+    logger = saved.get("logger") if logger is None else logger
+    tracker = DiagnoseTracker(saved, run_dir, logger, diag_cfg) if _is_wandb(logger) else None
+    runner.tracker = tracker
+    ok = False
+    try:
+        records = runner.run(final_step(run_dir), "diagnose")
+        ok = True
+    finally:
+        if tracker is not None:
+            tracker.finish(ok)
+    return records
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -81,8 +150,13 @@ def main(cfg: DictConfig) -> None:
     run_dir = cfg.get("run_dir")
     if not run_dir:
         raise SystemExit("usage: python -m mtlora.diagnose run_dir=<run dir> [diagnostics=full] [...]")
+    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     records = diagnose(
-        run_dir, cfg.diagnostics, str(cfg.get("device") or "cpu"), bool(cfg.get("allow_incomplete"))
+        run_dir,
+        cfg.diagnostics,
+        str(cfg.get("device") or "cpu"),
+        bool(cfg.get("allow_incomplete")),
+        logger=cfg.logger if "logger" in given else None,  # else the run's own logger
     )
     done = sorted({r["diagnostic"] for r in records})
     print(

@@ -20,9 +20,10 @@ from mtlora.data.build import rows_per_task, selected_tasks
 from mtlora.data.mixture import STRATEGIES
 from mtlora.data.packing import packing_conflicts
 from mtlora.data.sources import SOURCE_TYPES
-from mtlora.diagnostics.config import check_diagnostics_config
+from mtlora.diagnostics.config import check_diagnostics_config, check_diagnostics_hardware
 from mtlora.errors import ConfigError
 from mtlora.models.loading import DTYPES
+from mtlora.training.compile import compile_settings
 from mtlora.training.loss import LOSS_IMPLS
 from mtlora.training.meta import MetaLearner
 
@@ -110,13 +111,22 @@ def _check_bbh(c: _Checker) -> None:
     c.int_("eval.bbh.max_new_tokens", 1, optional=True)
     c.int_("eval.bbh.batch_tokens", 1)
     c.int_("eval.bbh.max_batch_size", 1, optional=True)
+    if c.get("eval.bbh.max_input_tokens") is not _MISSING:  # absent in configs of older runs
+        c.int_("eval.bbh.max_input_tokens", 0, optional=True)
+    if c.get("eval.bbh.truncation_side") is not _MISSING:
+        c.choice("eval.bbh.truncation_side", (None, "left", "right"))
     c.rule(
         "eval.bbh.task_id",
         lambda v: v is None or isinstance(v, str) or _int(0)(v),
         "null, a training task id (int >= 0) or a training task name",
     )
+    data_dir = c.get("eval.bbh.data_dir") or None
+    name = c.get("eval.bbh.protocol")
+    protocol = PROTOCOLS.get(name) if isinstance(name, str) else None
+    if data_dir == "hub" and protocol is not None and protocol.prompt.demos == "task_file":
+        return  # examples from the hub, no prompt files needed
     try:
-        bbh_dir(c.get("eval.bbh.data_dir") or None)
+        bbh_dir(data_dir)
     except Exception as e:  # DataError naming the path, MTLORA_DATA_DIR and the hub id
         c.errors.append(f"eval.bbh.data_dir: {e}")
 
@@ -131,6 +141,10 @@ def _check_generation_suites(c: _Checker, suites) -> None:
             c.int_(f"eval.heldin_gen.{k}", 1)
         for k in ("limit", "max_batch_size"):
             c.int_(f"eval.heldin_gen.{k}", 1, optional=True)
+        if c.get("eval.heldin_gen.max_input_tokens") is not _MISSING:  # absent in configs of older runs
+            c.int_("eval.heldin_gen.max_input_tokens", 1, optional=True)
+        if c.get("eval.heldin_gen.truncation_side") is not _MISSING:
+            c.choice("eval.heldin_gen.truncation_side", ("left", "right"))
         for name in c.cfg.data.get("tasks") or {}:  # optional key, default exact
             if c.get(f"data.tasks.{name}.eval.metric") not in (_MISSING, None, *METRICS):
                 c.rule(
@@ -391,6 +405,14 @@ def validate_config(cfg: DictConfig) -> None:
     c.num("train.optimizer.lr", 0, lo_open=True)
     c.num("train.loss_watchdog.factor", 1, lo_open=True)
     c.int_("train.loss_watchdog.patience", 1)
+    if c.get("train.compile") is not _MISSING:  # regional compilation (mtlora.training.compile)
+        try:
+            settings = compile_settings(cfg.train.compile)
+        except ConfigError as e:
+            c.errors.append(str(e))
+        else:
+            if settings is not None and (cfg.hardware.get("deepspeed") or {}).get("stage") == 3:
+                c.errors.append("train.compile.enabled: not supported under ZeRO-3 (partitioned parameters)")
     if c.get("train.loss") is not _MISSING:  # memory-lean loss (mtlora.training.loss)
         c.choice("train.loss.impl", LOSS_IMPLS)
         c.int_("train.loss.chunk_tokens", 1)
@@ -408,6 +430,7 @@ def validate_config(cfg: DictConfig) -> None:
     c.int_("eval.max_examples_per_task", 1, optional=True)
     # diagnostics (conf/diagnostics)
     c.errors += check_diagnostics_config(cfg.get("diagnostics"))
+    c.errors += check_diagnostics_hardware(cfg)  # none under ZeRO-3 (partitioned parameters)
     if "bbh" in (c.get("eval.suites") or ()):  # BBH suite (mtlora.eval.bbh_suite), data dir checked up front
         _check_bbh(c)
     if {"heldin_gen", "mmlu"} & set(

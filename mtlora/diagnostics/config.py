@@ -76,5 +76,30 @@ def check_diagnostics_config(cfg: DictConfig | None) -> list[str]:
     return errs
 
 
+def check_diagnostics_hardware(cfg: DictConfig) -> list[str]:
+    """Errors for diagnostics during training that the ``hardware`` setup cannot run: none under DeepSpeed
+    ZeRO-3, which partitions the parameters (shape ``[0]`` outside a forward). The diagnostics run on the main
+    process only: they read the adapter weights directly (heads, spectral, t-SNE) and run forwards and
+    ``autograd.grad`` outside the DeepSpeed engine (conflict, routing, divergence); with several processes
+    the main process would wait forever for the others' shards, with one the weights read are empty."""
+    which = _get(cfg, "diagnostics.which", [])
+    ds = OmegaConf.select(cfg, "hardware.deepspeed")
+    if not which or not ds or OmegaConf.select(cfg, "hardware.deepspeed.stage") != 3:
+        return []
+    try:
+        procs = int(OmegaConf.select(cfg, "hardware.num_processes") or 1) * int(
+            OmegaConf.select(cfg, "hardware.num_machines") or 1
+        )
+    except (TypeError, ValueError):  # reported by the hardware checks
+        procs = 0
+    where = f"{procs} processes" if procs > 1 else "one process"
+    return [
+        f"diagnostics={_get(cfg, 'diagnostics.name', '?')} (which={_plain(which)}): not supported under "
+        f"DeepSpeed ZeRO-3 (hardware={_get(cfg, 'hardware.name', '?')}, {where}): the diagnostics run on the "
+        "main process and need the full parameters, which ZeRO-3 partitions. Set diagnostics=none (or use a "
+        "DDP/ZeRO-2 hardware preset) and run `python -m mtlora.diagnose run_dir=R` on the saved run"
+    ]
+
+
 def _plain(v: Any) -> Any:
     return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -125,3 +126,90 @@ def test_diagnose_cli_writes_every_diagnostic_and_the_plots(runs, tmp_path) -> N
     assert _is_png(plots / "head_similarity_diagnose.png")
     assert list(tmp_path.iterdir()) == []  # no Hydra output dir, .hydra/ or log file in the cwd
     assert not (d / ".hydra").exists() and not list(d.glob("*.log"))
+
+
+def _wandb_records(wandb_file: Path) -> list:
+    """The protobuf records of a wandb transaction log (``run-<id>.wandb``: LevelDB log format, 32 KiB blocks
+    of ``crc32 | length | type`` framed chunks after a 7-byte header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = wandb_file.read_bytes(), 32768
+    pos, chunk, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            out.append(rec)
+            chunk = b""
+    return out
+
+
+def _offline_runs(run_dir: Path) -> dict[str, dict]:
+    """``{wandb id: {"job_type", "group", "history": {key: value}}}`` of the offline wandb runs in ``run_dir``."""
+    runs = {}
+    for f in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
+        info: dict = {"history": {}}
+        for rec in _wandb_records(f):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                info.update(id=rec.run.run_id, job_type=rec.run.job_type, group=rec.run.run_group)
+            elif kind == "history":
+                for item in rec.history.item:
+                    key = item.key or "/".join(item.nested_key)
+                    info["history"][key] = json.loads(item.value_json)
+        runs[info["id"]] = info
+    return runs
+
+
+def test_diagnose_logs_to_wandb_offline(runs, tmp_path) -> None:
+    """A run trained with logger=wandb_offline: ``mtlora.diagnose`` logs the diag/ scalars to a new offline
+    wandb run (job_type diagnose, the run's group), the training run's own wandb id untouched. A run trained
+    with logger=csv: logger=wandb_offline on the command line does the same; logger=none logs nothing."""
+    from mtlora.diagnose import diagnose
+
+    env = {"WANDB_MODE": "offline", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cheap = ["diagnostics.which=[heads,routing,divergence]", "diagnostics.plots=false"]
+    w = tmp_path / "wandb_run"
+    train = ["adapter=hydralora", "train.max_steps=6", "eval=none", "data.budget=128", "logger=wandb_offline"]
+    res = run_module("mtlora.train", [f"hydra.run.dir={w}", *train], env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    csv = tmp_path / "csv_run"  # a copy: the module's run dir stays as the other tests expect it
+    shutil.copytree(runs["default"], csv)
+    for d, extra in ((w, []), (csv, ["logger=wandb_offline"])):
+        train_id = (d / "wandb_id.txt").read_text().strip() if (d / "wandb_id.txt").exists() else None
+        before = set(_offline_runs(d)) if (d / "wandb").exists() else set()
+        res = run_module(
+            "mtlora.diagnose", [f"run_dir={d}", *cheap, *extra], cwd=tmp_path, env=env, timeout=300
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        new = {k: v for k, v in _offline_runs(d).items() if k not in before}
+        assert len(new) == 1, new
+        ((run_id, info),) = new.items()
+        assert run_id != train_id and info["job_type"] == "diagnose" and info["group"] == "train"
+        assert (train_id is None) == (not (d / "wandb_id.txt").exists())  # no id file written for diagnose
+        recs = {r["diagnostic"]: r for r in _records(d) if r["source"] == "diagnose"}
+        assert info["history"]["_step"] == recs["heads"]["step"] == 6
+        for name, stat in (
+            ("heads", "mean"),
+            ("routing", "entropy"),
+            ("divergence", "kl"),
+            ("divergence", "mmd"),
+        ):
+            assert info["history"][f"diag/{name}/{stat}"] == pytest.approx(recs[name][stat]), (name, stat)
+    # logger=none (command line) on the wandb run: nothing new under wandb/
+    n = len(_offline_runs(w))
+    diagnose(
+        w,
+        compose_train(["diagnostics=default", *cheap]).diagnostics,
+        logger=OmegaConf.create({"name": "none"}),
+    )
+    assert len(_offline_runs(w)) == n

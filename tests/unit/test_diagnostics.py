@@ -19,11 +19,13 @@ from mtlora.adapters.multihead import HydraLoraLinear
 from mtlora.config import validate_config
 from mtlora.data import build_data
 from mtlora.diagnostics import DIAGNOSTICS, DiagnosticsRunner, check_diagnostics_config
+from mtlora.diagnostics.config import check_diagnostics_hardware
 from mtlora.diagnostics.conflict import conflict_stats, gradient_conflict, lm_loss
 from mtlora.diagnostics.divergence import collect_representations, representation_divergence
 from mtlora.diagnostics.heads import head_cosine_matrix, head_similarity, mean_offdiagonal
 from mtlora.diagnostics.routing import routing_entropy, routing_stats, usage_cv2
 from mtlora.diagnostics.spectral import band_alignment, band_indices, head_svd, spectral_stats, sv_importance
+from mtlora.errors import ConfigError
 from mtlora.losses.alignment import gaussian_kl, mmd
 from mtlora.models import build_model, build_tokenizer
 from tests.helpers.compose import compose_train
@@ -376,3 +378,28 @@ def test_runner_skips_what_does_not_apply_with_one_info_line(tmp_path, caplog) -
     assert len(skips) == 2 and any("heads skipped for adapter.method=lora" in s for s in skips)
     lines = (tmp_path / "metrics" / "diagnostics.jsonl").read_text().splitlines()
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize(
+    "hardware",
+    ["gpu8_zero3", "gpu8_zero3_offload", "gpu1_zero3", "multinode hardware.deepspeed.stage=3"],
+)
+def test_diagnostics_under_zero3_are_refused_at_validation(hardware: str, monkeypatch) -> None:
+    """ZeRO-3 partitions the parameters the main-process diagnostics read: a config error naming the fix."""
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    over = [f"hardware={hardware.split()[0]}", *hardware.split()[1:]]
+    validate_config(compose_train(over))  # diagnostics=none (default): fine
+    for option in ("default", "full"):
+        with pytest.raises(ConfigError, match=r"diagnostics=.*not supported under DeepSpeed ZeRO-3") as e:
+            validate_config(compose_train([*over, f"diagnostics={option}"]))
+        assert "diagnostics=none" in str(e.value) and "python -m mtlora.diagnose" in str(e.value)
+    with pytest.raises(ConfigError, match="ZeRO-3"):  # one diagnostic switched on is enough
+        validate_config(compose_train([*over, "diagnostics.which=[heads]"]))
+
+
+@pytest.mark.parametrize("hardware", ["gpu8_zero2", "gpu8_ddp", "cpu_ddp2", "multinode"])
+def test_diagnostics_without_zero3_validate(hardware: str, monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    cfg = compose_train([f"hardware={hardware}", "diagnostics=default"])
+    validate_config(cfg)
+    assert check_diagnostics_hardware(cfg) == []
