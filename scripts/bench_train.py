@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 from mtlora.adapters import inject_adapters  # noqa: E402
 from mtlora.models.loading import build_model  # noqa: E402
 from mtlora.training.alignment import AlignmentTerm  # noqa: E402
+from mtlora.training.compile import compile_decoder_layers  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["lora", "peft_lora", "hydralora", "mtl_lora", "align_kl"]
@@ -141,6 +142,8 @@ def build(method: str, args: argparse.Namespace, device: torch.device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method == "peft_lora":
             model.enable_input_require_grads()
+    if args.compile:  # the same regional compilation for every method, peft's LoRA included
+        compile_decoder_layers(model, {"enabled": True, "backend": args.compile})
     desc = {k: v for k, v in OmegaConf.to_container(acfg).items() if k not in ("target_modules", "name")}
     return model, ctx, align, desc
 
@@ -237,6 +240,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-tasks", type=int, default=4)
     p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     p.add_argument("--grad-ckpt", action="store_true", help="non-reentrant gradient checkpointing")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        help="torch.compile every decoder layer (train.compile) with this backend (default inductor)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")

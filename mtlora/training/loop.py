@@ -41,6 +41,7 @@ from mtlora.run.plots import plot_loss
 from mtlora.run.tracker import Tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from mtlora.training.compile import compile_decoder_layers
 from mtlora.training.deepspeed import (
     backward_kwargs,
     deepspeed_plugin,
@@ -108,6 +109,7 @@ def build_model_and_data(cfg: DictConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_decoder_layers(model, cfg.train.get("compile"))  # train.compile (off by default)
     return tokenizer, model, data
 
 
