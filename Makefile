@@ -57,77 +57,74 @@ lorahub: $(STAMP) ## LoraHub: train one LoRA per task, then compose them (MODEL=
 	@echo "LoraHub composition: $(LORAHUB_DIR)/compose (weights and losses in metrics/lorahub.json)"
 
 # Paper tables. `make table-<paper>-<table>` (ids of docs/paper_numbers.yaml; `align`, `hydra`, `mtl` are short
-# for align_lora, hydralora, mtl_lora), e.g. `make table-align-t4 MODEL=qwen2.5-7b`: every preset
-# conf/experiment/<paper>/<table>/<cell>.yaml x SEEDS -> TABLES_DIR/<paper>_<table>/<model>/<cell>/s<seed>/
-# (a COMPLETED run is skipped, any other is resumed), then scripts/make_tables.py writes
+# for align_lora, hydralora, mtl_lora), e.g. `make table-align-t4 MODEL=qwen2.5-7b` = python -m
+# mtlora.report.run_table (its doc has the details): every preset conf/experiment/<paper>/<table>/<cell>.yaml x
+# SEEDS -> TABLES_DIR/<paper>_<table>/<model>/<cell>/s<seed>/ (a COMPLETED run is skipped, any other is resumed);
+# Base rows (base.yaml) evaluate the base model once per model; LoraHub cells first train their library (one
+# LoRA per task) under TABLES_DIR/lorahub_library/. Then scripts/make_tables.py writes
 # REPORTS_DIR/<paper>_<table>/table.{md,csv,tex} (ours beside the paper's numbers) and TABLE_PLOTS (rank,
-# lambda, per-task). MODEL is passed only when given (else each preset's own model). Exit status 1 when a
-# run failed (the report lists it). SMOKE=1: tiny model, synthetic data, a few steps, capped offline evals.
+# lambda, heads, per-task). MODEL is passed only when given (else each preset's own model). ARGS: overrides for
+# every run. Exit status 1 when a run failed (the report lists it). SMOKE=1: tiny model, synthetic data, a few
+# steps, capped evals that need no network (BBH from MTLORA_DATA_DIR, MMLU from a tiny generated fixture).
+# TABLE_DRY_RUN=1 prints the commands only.
 TABLES_DIR ?= $(or $(MTLORA_OUTPUT_DIR),outputs)/tables
 REPORTS_DIR ?= reports
 TABLE_PLOTS ?= per-task
 ifeq ($(SMOKE),1)
 SEEDS ?= 0 1
-TABLE_MODEL := tiny
-TABLE_RUN := model=tiny data=synthetic debug=smoke model.max_seq_len=96 train.precision=fp32 \
-	train.gradient_checkpointing=false train.micro_batch_size=8 train.gradient_accumulation_steps=1 \
-	++eval.max_examples_per_task=8 '++eval.bbh.tasks=[boolean_expressions,navigate]' ++eval.bbh.limit=1 \
-	++eval.bbh.max_new_tokens=16 ++eval.heldin_gen.limit=4 ++eval.heldin_gen.max_new_tokens=16 ++eval.mmlu.limit=2
 else
 SEEDS ?= 42 0 1
-TABLE_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL))
-TABLE_RUN := $(if $(TABLE_MODEL),model=$(TABLE_MODEL))
 endif
+TABLE_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL))
 
 table-%: $(STAMP) ## run all cells of a paper table x SEEDS, then its report (table-align-t4 MODEL=..., SMOKE=1)
-	@set -u; t='$*'; paper=$${t%-*}; table=$${t##*-}; \
-	case $$paper in align) paper=align_lora;; hydra) paper=hydralora;; mtl) paper=mtl_lora;; esac; \
-	shopt -s nullglob; presets=(conf/experiment/$$paper/$$table/*.yaml); \
-	if [ $${#presets[@]} -eq 0 ]; then echo "no presets conf/experiment/$$paper/$$table/*.yaml"; exit 2; fi; \
-	out=$(TABLES_DIR)/$${paper}_$$table/$(or $(TABLE_MODEL),preset_model); failed=0; \
-	for f in "$${presets[@]}"; do cell=$$(basename $$f .yaml); for s in $(SEEDS); do \
-		dir=$$out/$$cell/s$$s; \
-		if [ -f $$dir/COMPLETED ]; then echo "done already: $$dir"; continue; fi; \
-		echo ">>> $$paper/$$table/$$cell seed $$s -> $$dir"; \
-		$(PYTHON) -m mtlora.train experiment=$$paper/$$table/$$cell seed=$$s $(TABLE_RUN) resume=auto \
-			"hydra.run.dir=$$dir" $(ARGS) || { failed=1; echo "FAILED: $$dir"; }; \
-	done; done; \
-	$(PYTHON) scripts/make_tables.py --runs $(TABLES_DIR)/$${paper}_$$table --paper $$paper --table $$table \
-		--out $(REPORTS_DIR)/$${paper}_$$table $(foreach p,$(TABLE_PLOTS),--plot $(p)) || exit 1; \
-	exit $$failed
+	$(PYTHON) -m mtlora.report.run_table $* --seeds $(SEEDS) $(if $(TABLE_MODEL),--model $(TABLE_MODEL)) \
+		$(if $(filter 1,$(SMOKE)),--smoke) $(if $(filter 1,$(TABLE_DRY_RUN)),--dry-run) \
+		--runs-dir $(TABLES_DIR) --reports-dir $(REPORTS_DIR) $(foreach p,$(TABLE_PLOTS),--plot $(p)) -- $(ARGS)
 
 tables: ## list the paper tables (make table-<paper>-<table>) and their presets
 	@for d in conf/experiment/*/*/; do p=$$(basename $$(dirname $$d)); t=$$(basename $$d); \
 		echo "  table-$$p-$$t: $$(ls $$d | sed 's/\.yaml$$//' | tr '\n' ' ')"; done
 
-# LoRA rank sweep (conf/hparams_search/rank_sweep.yaml, a Hydra multirun over adapter.rank) x SWEEP_SEEDS, then
-# REPORTS_DIR/sweep_ranks/{summary.md,summary.csv,rank.png}. ARGS adds overrides (e.g. experiment=...).
-SWEEP_DIR ?= $(or $(MTLORA_OUTPUT_DIR),outputs)/sweeps/ranks_$(MODEL)_$(LORAHUB_STAMP)
+# Sweeps (conf/hparams_search/, Hydra multiruns) x SWEEP_SEEDS into one fixed dir (SWEEP_DIR, default
+# outputs/sweeps/<name>_<model>_<time>), then scripts/make_tables.py writes REPORTS_DIR/sweep_<name>/
+# {summary.md,summary.csv,<plot>.png}: sweep-ranks metric vs rank, sweep-lambda the λ sensitivity (metric vs
+# alignment.weight), sweep-heads metric vs adapter.num_heads. They sweep what ARGS selects (experiment=...,
+# adapter=...); without an experiment=, the preset's default: LoRA / A-LoRA-K / HydraLoRA on the tiny setup.
+# MODEL is passed only when given (else the experiment's model). SMOKE=1: tiny model on synthetic data, 20
+# steps, held-in eval only (a CPU check, also of experiment= presets whose data is on the hub).
+# A failed job is marked FAILED and the sweep goes on; the failures are listed at the end and in
+# <sweep dir>/failed_jobs.txt; the summary is written anyway, then the target exits 1.
+.PHONY: sweep-lambda sweep-heads rerun-failed
 SWEEP_SEEDS ?= 0
 ifeq ($(SMOKE),1)
-SWEEP_RUN := model=tiny debug=smoke train.max_steps=20 eval.max_examples_per_task=16
+SWEEP_RUN := model=tiny data=synthetic debug=smoke model.max_seq_len=96 train.precision=fp32 \
+	train.gradient_checkpointing=false train.micro_batch_size=8 train.gradient_accumulation_steps=1 \
+	train.max_steps=20 'eval.suites=[heldin]' eval.max_examples_per_task=16
 SWEEP_METRIC ?= heldin_token_acc
 else
-SWEEP_RUN := model=$(MODEL)
+SWEEP_RUN := $(if $(TABLE_MODEL),model=$(TABLE_MODEL))
 SWEEP_METRIC ?= heldin_exact_match
 endif
+sweep_dir = $(or $(SWEEP_DIR),$(or $(MTLORA_OUTPUT_DIR),outputs)/sweeps/$(1)_$(or $(TABLE_MODEL),$(if $(filter 1,$(SMOKE)),tiny,default))_$(LORAHUB_STAMP))
+# $(call run_sweep,<name>,<hparams_search preset>,<config path grouped by>,<plot>)
+define run_sweep
+	dir='$(call sweep_dir,$(1))'; \
+	$(PYTHON) -m mtlora.train hparams_search=$(2) $(SWEEP_RUN) 'seed=$(subst $(space),$(comma),$(strip $(SWEEP_SEEDS)))' \
+		"hydra.sweep.dir=$$dir" 'hydra.sweep.subdir=$${hydra.job.num}_$(1)-$${$(3)}_s$${seed}' $(ARGS); rc=$$?; \
+	$(PYTHON) scripts/make_tables.py --runs "$$dir" --metric $(SWEEP_METRIC) --group-by $(3) --plot $(4) \
+		--out $(REPORTS_DIR)/sweep_$(1) || exit 1; \
+	exit $$rc
+endef
 
-sweep-ranks: $(STAMP) ## rank sweep (hparams_search=rank_sweep) + metric-vs-rank plot (MODEL, SMOKE=1: CPU ~2 min)
-	$(PYTHON) -m mtlora.train hparams_search=rank_sweep $(SWEEP_RUN) 'seed=$(subst $(space),$(comma),$(strip $(SWEEP_SEEDS)))' \
-		'hydra.sweep.dir=$(SWEEP_DIR)' $(ARGS)
-	$(PYTHON) scripts/make_tables.py --runs $(SWEEP_DIR) --metric $(SWEEP_METRIC) --group-by adapter.rank \
-		--plot rank --out $(REPORTS_DIR)/sweep_ranks
+sweep-ranks: $(STAMP) ## rank sweep (hparams_search=rank_sweep) + summary and metric-vs-rank plot (SMOKE=1: CPU)
+	$(call run_sweep,ranks,rank_sweep,adapter.rank,rank)
 
-# Sweeps (conf/hparams_search/); SMOKE=1: a few steps on the tiny model (CPU check). A failed job is marked
-# FAILED and the sweep goes on; the failures are listed at the end and in <sweep dir>/failed_jobs.txt.
-.PHONY: sweep-lambda sweep-heads rerun-failed
-SWEEP_SMOKE_ARGS := $(if $(filter 1,$(SMOKE)),debug=smoke train.max_steps=2 eval.max_examples_per_task=4,)
+sweep-lambda: $(STAMP) ## Align-LoRA λ sweep (hparams_search=lambda_sweep) + summary and λ-sensitivity plot
+	$(call run_sweep,lambda,lambda_sweep,alignment.weight,lambda)
 
-sweep-lambda: $(STAMP) ## Align-LoRA λ sweep (hparams_search=lambda_sweep; SMOKE=1: tiny CPU check; ARGS adds overrides)
-	$(PYTHON) -m mtlora.train hparams_search=lambda_sweep $(SWEEP_SMOKE_ARGS) $(ARGS)
-
-sweep-heads: $(STAMP) ## head-count sweep, HydraLoRA unless ARGS=adapter=... (hparams_search=head_sweep; SMOKE=1)
-	$(PYTHON) -m mtlora.train hparams_search=head_sweep $(SWEEP_SMOKE_ARGS) $(ARGS)
+sweep-heads: $(STAMP) ## head-count sweep (hparams_search=head_sweep; ARGS=experiment=|adapter=) + metric-vs-heads plot
+	$(call run_sweep,heads,head_sweep,adapter.num_heads,heads)
 
 rerun-failed: $(STAMP) ## rerun a sweep's failed jobs in their run dirs with resume=auto (SWEEP=<sweep dir>)
 	@test -n "$(SWEEP)" || { echo "usage: make rerun-failed SWEEP=<sweep dir> [ARGS=extra overrides]"; exit 2; }
@@ -143,7 +140,7 @@ test-gpu: $(STAMP) ## the GPU tests (needs CUDA)
 	$(PYTHON) -m pytest -m gpu $(ARGS)
 
 .PHONY: test-experiments
-test-experiments: $(STAMP) ## every conf/experiment/<paper>/<table>/<cell> preset: composes, and trains 2 steps on the tiny model
+test-experiments: $(STAMP) ## every paper-table preset composes and trains 2 steps (tiny model); a SMOKE table end to end
 	$(PYTHON) -m pytest -m "slow or not slow" tests/integration/test_experiments.py $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check

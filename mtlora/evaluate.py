@@ -8,6 +8,7 @@ Usage::
     python -m mtlora.evaluate run_dir=R eval=bbh                          # outputs into R
     python -m mtlora.evaluate run_dir=R eval=bbh eval/bbh=align_lora eval.bbh.limit=20 out=DIR
     python -m mtlora.evaluate adapter=none model=qwen2.5-7b eval=bbh out=DIR   # base-model baseline
+    python -m mtlora.evaluate experiment=hydralora/t3/base out=DIR            # a paper table's Base row
 
 Suites: ``heldin`` (teacher-forced held-out rows of the run's training tasks, or of ``data=`` for the
 base model; writes ``metrics/eval_heldin.json`` / ``.md``, replacing the training-time files when written
@@ -15,7 +16,10 @@ into the run dir), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``
 (:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
 Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
 ``device=cpu|cuda``, ``adapter=none``. Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
-only the eval outputs are written.
+only the eval outputs are written. A base-model evaluation (``adapter=none``, or a config whose
+``adapter.method`` is ``none``, as the ``conf/experiment/<paper>/<table>/base.yaml`` presets) also makes
+``out`` a run dir: ``RUNNING`` then ``COMPLETED``/``FAILED``, ``config_resolved.yaml`` (``adapter: {name:
+none, method: none}``, the preset's ``report`` key) and ``meta.json``, so scripts/make_tables.py reads it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.errors import ConfigError
 from mtlora.utils.resolvers import register_resolvers
@@ -59,8 +63,42 @@ def _write_heldin(result: dict, out: Path) -> None:
     )
 
 
+def _start_base_run(cfg: DictConfig, out: Path) -> None:
+    """Make ``out`` the run dir of a base-model evaluation: ``RUNNING``, ``config_resolved.yaml`` (adapter
+    ``none``) and ``meta.json``, as a training run's (mtlora.train.start_run)."""
+    from mtlora.run.meta import write_meta
+    from mtlora.run.rundir import claim, save_resolved_config
+
+    claim(out, "auto")  # a rerun into the same dir replaces the earlier evaluation
+    record = cfg.copy()
+    with open_dict(record):
+        record.adapter = {"name": "none", "method": "none"}
+        record.paths.output_dir = str(out.resolve())
+    save_resolved_config(record, out)
+    write_meta(out, record)
+
+
 def evaluate(cfg: DictConfig, opts: dict) -> dict:
-    """Run ``cfg.eval.suites`` for ``opts`` (run_dir / out / adapter_none / allow_incomplete / device)."""
+    """Run ``cfg.eval.suites`` for ``opts`` (run_dir / out / adapter_none / allow_incomplete / device). A
+    base-model evaluation (``adapter_none`` or ``adapter.method: none``) into ``out`` records it as a run dir."""
+    base = not opts.get("run_dir") and (opts.get("adapter_none") or cfg.adapter.get("method") == "none")
+    if not base or not opts.get("out"):
+        return _evaluate(cfg, {**opts, "adapter_none": bool(base)})
+    from mtlora.run.rundir import finish
+
+    out = Path(opts["out"])
+    _start_base_run(cfg, out)
+    try:
+        results = _evaluate(cfg, {**opts, "adapter_none": True})
+    except BaseException as e:
+        finish(out, ok=False, message=repr(e))
+        raise
+    finish(out, ok=True)
+    return results
+
+
+def _evaluate(cfg: DictConfig, opts: dict) -> dict:
+    """The suites of ``cfg.eval`` on the run of ``opts["run_dir"]`` or the base model (``opts["adapter_none"]``)."""
     from mtlora.eval.bbh_suite import run_bbh, summary_line
 
     suites = list(cfg.eval.suites)

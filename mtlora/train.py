@@ -45,6 +45,11 @@ log = logging.getLogger("mtlora.train")
 
 def preflight(cfg: DictConfig) -> None:
     """Every check that needs no weights: values, and target modules against the meta-device model."""
+    if cfg.adapter.get("method") == "none":  # a Base row (conf/experiment/<paper>/<table>/base.yaml)
+        raise ConfigError(
+            "adapter.method=none: the base model has nothing to train; evaluate it with "
+            "`python -m mtlora.evaluate <the same overrides> out=DIR` (a run dir scripts/make_tables.py reads)"
+        )
     validate_config(cfg)
     if cfg.model.get("arch") is not None:
         check_targets(meta_model(cfg.model), cfg.adapter)

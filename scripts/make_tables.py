@@ -5,6 +5,7 @@
         --out reports/align_lora_t4 [--metric bbh_macro] [--plot rank --plot lambda --plot per-task]
     python scripts/make_tables.py --runs outputs/train/multiruns/X --out reports/sweep --plot rank \
         --metric heldin_exact_match --group-by adapter.rank      # no paper table: a summary
+    (`make sweep-ranks|sweep-lambda|sweep-heads` run a sweep, then this with --plot rank|lambda|heads)
 
 Runs are dirs with a ``config_resolved.yaml`` (searched recursively); those with a ``COMPLETED`` marker and
 ``report: {paper, table}`` equal to --paper/--table are grouped by (cell, column) over seeds. The papers'
@@ -97,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "per-task":
             done = plots.plot_per_task(runs, metric, png, scale, protocol)
         else:
-            x_path, xlabel = plots.CURVES[name]
-            done = plots.plot_curve(runs, metric, x_path, png, xlabel, scale, protocol, log_x=name == "rank")
+            x_path, xlabel, log_base = plots.CURVES[name]
+            done = plots.plot_curve(
+                runs, metric, x_path, png, xlabel, scale, protocol, log_x=log_base or False
+            )
         print(
             f"plot {name}: {done}" if done else f"plot {name}: no finished runs with {metric}",
             file=sys.stderr,

@@ -1,4 +1,5 @@
-"""Report plots from finished runs: metric vs a config value (rank sweep, alignment λ) and per-task bars."""
+"""Report plots from finished runs: metric vs a config value (rank, alignment λ, head-count sweeps) and
+per-task bars."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mtlora.report.tables import Run, build_summary  # noqa: E402
 
-# --plot name -> (config path on the x axis, axis label)
+# --plot name -> (config path on the x axis, axis label, log base of the x axis or None for linear)
 CURVES = {
-    "rank": ("adapter.rank", "adapter rank r"),
-    "lambda": ("alignment.weight", "alignment weight λ"),
+    "rank": ("adapter.rank", "adapter rank r", 2),
+    "lambda": ("alignment.weight", "alignment weight λ", 10),
+    "heads": ("adapter.num_heads", "number of heads N", None),
 }
 
 
@@ -31,10 +33,11 @@ def plot_curve(
     xlabel: str | None = None,
     scale: float = 100.0,
     bbh_protocol: str | None = None,
-    log_x: bool = False,
+    log_x: bool | float = False,
 ) -> Path | None:
     """One line per (cell, model): mean over seeds of ``metric`` vs the config value at ``x_path``, with
-    ± std error bars. None (nothing written) when no finished run has both."""
+    ± std error bars; ``log_x``: a log x axis (True: base 2, a number: that base). None (nothing written)
+    when no finished run has both."""
     groups: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for g in build_summary(runs, metric, [x_path], scale, bbh_protocol):
         if _is_num(g[x_path]):
@@ -50,7 +53,7 @@ def plot_curve(
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=1.4, label=f"{cell} ({model})")
     if log_x:
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2 if log_x is True else float(log_x))
         xs_all = sorted({x for pts in groups.values() for x, _, _ in pts})
         ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.minorticks_off()

@@ -1,12 +1,14 @@
-"""Multiruns: every hparams_search / launcher preset composes; a failed job does not stop the sweep, is
-marked, listed and rerun; the Optuna preset returns the chosen metric; joblib runs jobs in parallel; a
-requeued SLURM job resumes; one GPU per joblib worker."""
+"""Multiruns: every hparams_search / launcher preset composes; a sweep keeps the experiment's adapter and stops
+when what it sweeps does not apply; the make sweep targets end with a summary and plot; a failed job does not
+stop the sweep, is marked, listed and rerun; the Optuna preset returns the chosen metric; joblib runs jobs in
+parallel; a requeued SLURM job resumes; one GPU per joblib worker."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from mtlora.config import validate_config
+from mtlora.errors import ConfigError
+from mtlora.report.plots import CURVES
+from mtlora.report.sweeps import check_swept_keys
 from mtlora.run.callbacks import FAILED_JOBS, failed_jobs
 from mtlora.train import _job_failed, _result
 from mtlora.utils.resolvers import register_resolvers
@@ -61,6 +66,127 @@ def test_hparams_search_presets_compose_and_every_sweep_point_validates(name: st
     if name == "optuna":
         assert "OptunaSweeper" in cfg.hydra.sweeper._target_ and cfg.hydra.sweeper.direction == "maximize"
         assert cfg.optimized_metric and cfg.adapter.name == "align_kl"
+
+
+def _skip_without_optuna(preset: str) -> None:
+    if preset == "optuna" and not _has("hydra_plugins.hydra_optuna_sweeper"):
+        pytest.skip("hydra-optuna-sweeper not installed (pip install -e '.[sweep]')")
+
+
+# (experiment, sweep): the sweep must keep the experiment's adapter, alignment and report cell
+COMBOS = [
+    ("rlora/t4/rlora", "head_sweep"),
+    ("align_lora/t4/mlora", "head_sweep"),
+    ("hydralora/t3/hydralora", "head_sweep"),
+    ("align_lora/t4/a_lora_m", "lambda_sweep"),
+    ("align_lora/t5/a_lora_k", "lambda_sweep"),
+    ("align_lora/t4/a_lora_m", "optuna"),
+    ("rlora/t4/rlora", "rank_sweep"),
+    ("align_lora/t4/lora_r10", "rank_sweep"),
+]
+
+
+@pytest.mark.parametrize(("experiment", "sweep"), COMBOS)
+def test_a_sweep_keeps_the_experiments_adapter(experiment: str, sweep: str) -> None:
+    _skip_without_optuna(sweep)
+    alone = _compose_with_hydra([f"experiment={experiment}"])
+    for overrides in (
+        [f"experiment={experiment}", f"hparams_search={sweep}"],
+        [f"hparams_search={sweep}", f"experiment={experiment}"],
+    ):
+        cfg = _compose_with_hydra(overrides)
+        assert cfg.hydra.runtime.choices.experiment == experiment
+        assert cfg.hydra.runtime.choices.adapter == alone.hydra.runtime.choices.adapter
+        assert OmegaConf.to_container(cfg.adapter) == OmegaConf.to_container(alone.adapter)
+        assert OmegaConf.to_container(cfg.alignment) == OmegaConf.to_container(alone.alignment)
+        assert dict(cfg.report) == dict(alone.report) and cfg.report.cell == experiment.rsplit("/", 1)[1]
+        check_swept_keys(cfg)  # what it sweeps acts on this config
+
+
+@pytest.mark.parametrize(
+    ("sweep", "adapter", "alignment"),
+    [
+        ("head_sweep", "hydralora", "none"),
+        ("lambda_sweep", "align_kl", "kl"),
+        ("optuna", "align_kl", "kl"),
+        ("rank_sweep", "lora", "none"),
+    ],
+)
+def test_a_sweep_alone_has_its_documented_default(sweep: str, adapter: str, alignment: str) -> None:
+    _skip_without_optuna(sweep)
+    cfg = _compose_with_hydra([f"hparams_search={sweep}"])
+    assert (cfg.adapter.name, cfg.alignment.name) == (adapter, alignment)
+    assert cfg.report.cell is None and cfg.data.name == "synthetic" and cfg.model.name == "tiny"
+    check_swept_keys(cfg)
+    assert f"hparams_search={sweep}" in (CONF / "hparams_search" / f"{sweep}.yaml").read_text()  # documented
+    picked = _compose_with_hydra([f"hparams_search={sweep}", "adapter=rlora"])  # a chosen adapter wins
+    assert picked.adapter.name == "rlora"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["hparams_search=head_sweep", "experiment=align_lora/t4/lora_r10"], "adapter.num_heads"),
+        (["hparams_search=head_sweep", "adapter=lora"], "adapter.num_heads"),
+        (["hparams_search=lambda_sweep", "experiment=rlora/t4/rlora"], "alignment.weight"),
+        (["hparams_search=lambda_sweep", "adapter=hydralora"], "alignment.weight"),
+        (["hparams_search=optuna", "experiment=hydralora/t3/hydralora"], "alignment.weight"),
+    ],
+)
+def test_a_sweep_whose_keys_do_not_apply_names_the_key(overrides: list[str], key: str) -> None:
+    _skip_without_optuna(overrides[0].split("=")[1])
+    cfg = _compose_with_hydra(overrides)
+    with pytest.raises(ConfigError, match=re.escape(key)) as e:
+        check_swept_keys(cfg)
+    assert overrides[0] in str(e.value) and f"adapter={cfg.hydra.runtime.choices.adapter}" in str(e.value)
+
+
+def test_the_sweep_stops_before_any_job_when_its_key_does_not_apply(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    r = run_cli(
+        ["hparams_search=lambda_sweep", "experiment=rlora/t4/rlora", f"hydra.sweep.dir={sweep}"], timeout=300
+    )
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    assert "ConfigError: hparams_search=lambda_sweep sweeps alignment.weight, but alignment=none" in r.stderr
+    assert not list(sweep.glob("*/config_resolved.yaml"))  # no job ran
+
+
+@pytest.mark.parametrize(
+    ("target", "preset", "key", "plot"),
+    [
+        ("sweep-ranks", "rank_sweep", "adapter.rank", "rank"),
+        ("sweep-lambda", "lambda_sweep", "alignment.weight", "lambda"),
+        ("sweep-heads", "head_sweep", "adapter.num_heads", "heads"),
+    ],
+)
+def test_make_sweep_targets_write_summary_and_plot_from_one_sweep_dir(target, preset, key, plot, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            "make",
+            "-n",
+            "-o",
+            ".make/install.stamp",
+            target,
+            "SMOKE=1",
+            f"REPORTS_DIR={tmp_path}/reports",
+            "ARGS=experiment=x/y",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MTLORA_OUTPUT_DIR": str(out)},
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout
+    sweep_dir = cmd.split("dir='", 1)[1].split("'", 1)[0]
+    assert sweep_dir.startswith(f"{out}/sweeps/{target.split('-')[1]}_tiny_")  # fixed before the sweep starts
+    assert f"-m mtlora.train hparams_search={preset} " in cmd and "hydra.sweep.dir=$dir" in cmd
+    assert "experiment=x/y" in cmd and "data=synthetic" in cmd
+    assert f'make_tables.py --runs "$dir" --metric heldin_token_acc --group-by {key} --plot {plot}' in cmd
+    assert f"--out {tmp_path}/reports/sweep_{target.split('-')[1]}" in cmd
+    assert CURVES[plot][0] == key
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)

@@ -314,3 +314,52 @@ def test_script_main_writes_the_reports(runs_root: Path, tmp_path: Path) -> None
     assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "table.tex", "per_task.png"}
     with pytest.raises(SystemExit):
         mod.main(["--runs", str(runs_root), "--paper", "demo", "--out", str(out)])
+
+
+def test_base_row_is_filled_from_a_base_model_evaluation_run_dir(tmp_path: Path) -> None:
+    """A Base row's run dir (``python -m mtlora.evaluate experiment=<paper>/<table>/base out=DIR``: adapter
+    ``none``, no meta.json parameters) fills the paper's Base cell; its %params stay empty."""
+    numbers = tables.load_paper_numbers()
+    d = tmp_path / "hydralora_t3" / "llama2-7b" / "base" / "s41"
+    (d / "metrics").mkdir(parents=True)
+    cfg = {
+        "report": {"paper": "hydralora", "table": "t3", "cell": "base"},
+        "seed": 41,
+        "model": {"name": "llama2-7b"},
+        "adapter": {"name": "none", "method": "none"},
+    }
+    (d / "config_resolved.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "COMPLETED").write_text("t\n")
+    (d / "meta.json").write_text(json.dumps({"config_hash": "x"}))
+    (d / "metrics" / "eval_bbh_opencompass_cot.json").write_text(json.dumps(bbh(0.3)))
+    table = tables.build_table(
+        tables.collect_runs([tmp_path]), tables.table_spec(numbers, "hydralora", "t3"), numbers
+    )
+    base = table.rows[0]
+    assert base.cell == "base" and base.ours["llama2-7b"].mean == pytest.approx(30.0)
+    assert base.delta("llama2-7b") == pytest.approx(30.0 - 31.6) and base.params_ours == {}
+    assert ("base", ["llama2-7b"]) not in table.missing
+    assert "| Base (no adapter) | base | 30.00 (1) | 31.60 | -1.60 |" in tables.to_markdown(table)
+
+
+def test_sweep_summaries_plot_lambda_and_heads(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_tables", REPO / "scripts" / "make_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    f = "eval_heldin.json"
+    for i, (heads, weight) in enumerate([(1, 0.01), (3, 0.1), (10, 0.5)]):
+        d = fake_run(tmp_path / "runs", f"j{i}", "hydralora", 0, table="sweep", weight=weight, files={f: {}})
+        cfg = yaml.safe_load((d / "config_resolved.yaml").read_text())
+        cfg["adapter"]["num_heads"] = heads
+        (d / "config_resolved.yaml").write_text(yaml.safe_dump(cfg))
+        (d / "metrics" / f).write_text(json.dumps({"tasks": {}, "macro": {"exact_match": 0.1 * (i + 1)}}))
+    for plot, key in (("heads", "adapter.num_heads"), ("lambda", "alignment.weight")):
+        out = tmp_path / plot
+        argv = ["--runs", str(tmp_path / "runs"), "--metric", "heldin_exact_match", "--group-by", key]
+        assert mod.main([*argv, "--plot", plot, "--out", str(out)]) == 0
+        assert (out / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+        rows = list(csv.DictReader((out / "summary.csv").open()))
+        assert [(r[key], round(float(r["mean"]), 6)) for r in rows] == [
+            (str(x), y)
+            for x, y in zip((1, 3, 10) if plot == "heads" else (0.01, 0.1, 0.5), (10.0, 20.0, 30.0))
+        ]
