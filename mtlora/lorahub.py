@@ -350,7 +350,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
     from mtlora.run.meta import write_meta
     from mtlora.run.metrics import JsonlLog, markdown_table, write_csv
     from mtlora.run.tracker import Tracker
-    from mtlora.training.loop import build_model_and_data
+    from mtlora.training.loop import build_model_and_data, generation_suites_at_end
 
     t0 = time.perf_counter()
     datasets.disable_progress_bars()
@@ -464,6 +464,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("held-out eval of the composed LoRA:\n%s", md)
             tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
         tracker.summary({"lorahub/best_loss": best["loss"]})
+        generation_suites_at_end(cfg, model, tokenizer, data, run_dir, tracker, 0)  # bbh, heldin_gen, mmlu
         log.info("LoraHub done in %.1f s", time.perf_counter() - t0)
         ok = True
     finally:

@@ -91,7 +91,8 @@ def load_parts(src: DictConfig, where: str, seed: int, split: str = "train") -> 
     if kind in ("json", "csv", "tsv"):
         return [(str(p), _load_file(kind, p, src)) for p in _files(src, where, split)]
     if kind == "hub":
-        kwargs = OmegaConf.to_container(src.get("load_kwargs") or {}, resolve=True)
+        lk = src.get("load_kwargs")
+        kwargs = OmegaConf.to_container(lk, resolve=True) if OmegaConf.is_config(lk) else dict(lk or {})
         try:
             ds = datasets.load_dataset(
                 src.path, src.get("name"), split=split, revision=src.get("revision"), **kwargs

@@ -18,8 +18,7 @@ How a cell runs depends on its adapter:
   over ``data.select``, evaluation off) into ``<runs>/lorahub_library/<paper>_<table>/<model>/<cell>/<task>/``
   (only the tasks not COMPLETED there), then the composition with ``adapter.library_glob`` set to it. Without
   ``--smoke``, a preset whose own ``adapter.library_glob`` already matches COMPLETED runs (a library built
-  with ``make lorahub``) keeps it. The composition (mtlora.lorahub) evaluates only the held-in suite, so the
-  cell's other suites (BBH, MMLU, ...) follow with ``python -m mtlora.evaluate run_dir=<dir>``.
+  with ``make lorahub``) keeps it. The composition (mtlora.lorahub) runs the cell's evaluation suites itself.
 
 Then scripts/make_tables.py writes ``<reports>/<paper>_<table>/table.{md,csv,tex}`` (ours beside the
 paper's numbers) and the ``--plot`` plots. ``--smoke``: the tiny model on synthetic data, a few steps, and
@@ -75,7 +74,7 @@ SMOKE_LORAHUB = ["adapter.budget=4", "adapter.fewshot_per_task=2"]
 class Step:
     """One command of the table's pipeline. ``overrides``: the config of one of its jobs (for checks)."""
 
-    kind: str  # mmlu_fixture | library | train | evaluate (base model) | evaluate_run (a run) | report
+    kind: str  # mmlu_fixture | library | train | evaluate (base model) | report
     label: str
     argv: list[str]
     run_dir: Path | None = None
@@ -132,11 +131,6 @@ def write_mmlu_fixture(root: Path, subjects=SMOKE_MMLU_SUBJECTS) -> Path:
 
 def _completed(d: Path) -> bool:
     return (d / "COMPLETED").is_file()
-
-
-def _has_metrics(run_dir: Path, suite: str) -> bool:
-    m = run_dir / "metrics"
-    return (m / f"eval_{suite}.json").is_file() or any(m.glob(f"eval_{suite}_*.json"))
 
 
 def _not_lora_keys(overrides: list[str]) -> list[str]:
@@ -228,14 +222,6 @@ def plan(
             else:
                 argv = [*train, *over, "resume=auto", f"hydra.run.dir={d}"]
                 steps.append(Step("train", f"{preset} seed {seed} -> {d}", argv, d, over, _completed(d)))
-            suites = [x for x in cfg.eval.suites if x != "heldin"]
-            if method == "lorahub" and suites and cfg.eval.at_end:  # the composition runs held-in only
-                over = [*over, f"eval.suites=[{','.join(suites)}]"]
-                argv = [python, "-m", "mtlora.evaluate", *over, f"run_dir={d}"]
-                done = _completed(d) and all(_has_metrics(d, x) for x in suites)
-                steps.append(
-                    Step("evaluate_run", f"{preset} seed {seed}: {', '.join(suites)}", argv, d, over, done)
-                )
     report = [
         python,
         str(REPO / "scripts" / "make_tables.py"),
@@ -263,8 +249,6 @@ def execute(steps: list[Step], dry_run: bool = False) -> int:
         if step.done:
             print(f"done already: {step.kind} {step.run_dir}", flush=True)
             continue
-        if step.kind == "evaluate_run" and step.run_dir in bad:
-            continue  # its run failed (counted once)
         if step.kind == "train" and any(f"adapter.library_glob={lib}/*" in step.argv for lib in bad):
             print(f"SKIPPED (its LoraHub library failed): {step.run_dir}", flush=True)
             failed.append(step.label)

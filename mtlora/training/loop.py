@@ -333,15 +333,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         with zero3_gathered(acc, trainable):  # ZeRO-3: every rank gathers the adapter for the save
             if acc.is_main_process:
                 _write_outputs(cfg, run_dir, inner, train_log, eval_log, final, tracker)
-        if acc.is_main_process:
-            if cfg.eval.at_end and "bbh" in cfg.eval.suites:  # after the adapter is saved; main process only
-                _evaluate_bbh(cfg, inner, tokenizer, data, run_dir, tracker, step)
-            if cfg.eval.at_end and {"heldin_gen", "mmlu"} & set(cfg.eval.suites):  # generation suites
-                from mtlora.eval.heldin_gen import run_generation_suites
-
-                run_generation_suites(
-                    cfg.eval, cfg, inner, tokenizer, run_dir, data, data.task_names, tracker, step
-                )
+        if acc.is_main_process:  # after the adapter is saved; main process only
+            generation_suites_at_end(cfg, inner, tokenizer, data, run_dir, tracker, step)
         ok = True
     finally:
         bar.close()
@@ -405,6 +398,21 @@ def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step:
         )
     acc.wait_for_everyone()
     return result
+
+
+def generation_suites_at_end(
+    cfg, model, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int
+) -> None:
+    """The generation suites of ``cfg.eval.suites`` at the end of a run (``eval.at_end``): ``bbh``, then
+    ``heldin_gen`` / ``mmlu``; each writes its files into ``run_dir`` and logs its headline numbers."""
+    if not cfg.eval.at_end:
+        return
+    if "bbh" in cfg.eval.suites:
+        _evaluate_bbh(cfg, model, tokenizer, data, run_dir, tracker, step)
+    if {"heldin_gen", "mmlu"} & set(cfg.eval.suites):
+        from mtlora.eval.heldin_gen import run_generation_suites
+
+        run_generation_suites(cfg.eval, cfg, model, tokenizer, run_dir, data, data.task_names, tracker, step)
 
 
 def _evaluate_bbh(cfg, inner, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int):

@@ -246,10 +246,6 @@ def test_smoke_table_plan_runs_offline(table: str, tmp_path: Path) -> None:
             libraries.append(step.run_dir)
         elif step.kind == "evaluate":
             assert cfg.adapter.method == "none" and step.argv[2] == "mtlora.evaluate"
-        elif step.kind == "evaluate_run":
-            assert (
-                cfg.eval.suites and "heldin" not in cfg.eval.suites and f"run_dir={step.run_dir}" in step.argv
-            )
         else:
             assert step.kind == "train" and step.argv[2] == "mtlora.train" and "resume=auto" in step.argv
             validate_config(cfg)

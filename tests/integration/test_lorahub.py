@@ -115,13 +115,20 @@ def test_cli_composes_a_library_glob(library: list[Path], tmp_path: Path) -> Non
             "adapter.budget=3",
             "adapter.fewshot_per_task=2",
             f"data.select=[{','.join(TASKS)}]",
-            "eval=none",
+            # the composition runs the generation suites too (a LoraHub table cell reports BBH)
+            "eval=bbh",
+            "eval.suites=[bbh]",
+            "eval.bbh.tasks=[navigate]",
+            "eval.bbh.limit=1",
+            "eval.bbh.max_new_tokens=4",
             "logger=none",
         ],
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (d / "COMPLETED").exists() and (d / "adapter" / "adapter_model.safetensors").exists()
+    bbh = json.loads((d / "metrics" / "eval_bbh_mtlora_direct.json").read_text())
+    assert bbh["micro"]["n"] == 1 and (d / "predictions" / "bbh_mtlora_direct" / "navigate.jsonl").exists()
     res = json.loads((d / "metrics" / "lorahub.json").read_text())
     assert len(res["modules"]) == 2 and len(res["evaluations"]) == 3
     assert "LoraHub: best loss" in (d / "train.log").read_text()

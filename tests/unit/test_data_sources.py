@@ -387,6 +387,23 @@ def test_unknown_source_type_and_generator_are_config_errors(run_dir):
         load_task("counting", cfg.data.tasks.counting, seed=0)
 
 
+@pytest.mark.parametrize("load_kwargs", [None, {}, {"trust_remote_code": False}])
+def test_unreachable_hub_source_is_a_data_error_naming_the_task(run_dir, load_kwargs):
+    """Offline, a hub task fails with a DataError naming the task, the dataset and the way out, whatever its
+    ``load_kwargs`` (null, empty or set) are."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = compose_train(["data=flanv2"], run_dir=run_dir)
+    name = next(iter(cfg.data.tasks))
+    task = cfg.data.tasks[name]
+    with open_dict(task):
+        task.source.load_kwargs = load_kwargs
+    assert OmegaConf.select(task, "source.type") == "hub"
+    with pytest.raises(DataError) as e:
+        load_task(name, task, seed=0)
+    assert repr(str(task.source.path)) in str(e.value) and "local files" in str(e.value)
+
+
 # --------------------------------------------------------------------------- Dolly (generated JSONL)
 
 
