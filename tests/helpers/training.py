@@ -12,6 +12,19 @@ from tests.helpers.compose import compose_train
 #: a six-step run of the tiny model on 128 synthetic rows, logging every step
 SHORT_RUN = ["debug=smoke", "train.max_steps=6", "eval=none", "data.budget=128", "train.log_every=1"]
 
+#: a three-step run with a large learning rate, so that the adapter moves away from its init (export tests)
+EXPORT_RUN = [
+    "debug=smoke",
+    "train.max_steps=3",
+    "eval=none",
+    "train.optimizer.lr=0.05",
+    "train.warmup_ratio=0.0",
+    "train.micro_batch_size=4",
+    "data.budget=32",
+]
+#: prompts whose logits the export tests compare
+EXPORT_PROMPTS = ["12+7=", "sort: pear apple fig ->", "not (true and false) is"]
+
 
 def train_tiny(tmp_path: Path, name: str, overrides: list[str]) -> Path:
     """Run ``run_training`` for the composed ``overrides`` into ``tmp_path/name``; returns the run dir."""

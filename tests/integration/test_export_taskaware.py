@@ -20,17 +20,9 @@ from mtlora.load import load_run
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
+from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN
 
-TRAIN = [
-    "debug=smoke",
-    "train.max_steps=3",
-    "eval=none",
-    "train.optimizer.lr=0.05",
-    "train.warmup_ratio=0.0",
-    "train.micro_batch_size=4",
-    "data.budget=32",
-]
-PROMPTS = ["12+7=", "sort: pear apple fig ->", "not (true and false) is"]
+TRAIN, PROMPTS = EXPORT_RUN, EXPORT_PROMPTS
 
 
 @pytest.fixture(scope="module", params=["mtl_lora", "moelora"])
