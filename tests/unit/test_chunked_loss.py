@@ -54,8 +54,9 @@ def test_chunked_equals_full_loss_and_gradients(model, chunk: int) -> None:
     assert (ce_c[~mask_c] == 0).all()
     torch.testing.assert_close(ce_c, ce_f, rtol=1e-5, atol=1e-6)
     assert g_f and all(g.abs().sum() > 0 for g in g_f.values())
-    for n in g_f:
-        torch.testing.assert_close(g_c[n], g_f[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    for n in g_f:  # summation order differs per chunk: float32 rounding relative to the gradient's scale
+        atol = 1e-4 * float(g_f[n].abs().max())
+        torch.testing.assert_close(g_c[n], g_f[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def _logits_footprint(model, batch, impl, chunk):
