@@ -67,8 +67,16 @@ def _start_base_run(cfg: DictConfig, out: Path) -> None:
     """Make ``out`` the run dir of a base-model evaluation: ``RUNNING``, ``config_resolved.yaml`` (adapter
     ``none``) and ``meta.json``, as a training run's (mtlora.train.start_run)."""
     from mtlora.run.meta import write_meta
-    from mtlora.run.rundir import claim, save_resolved_config
+    from mtlora.run.rundir import RESOLVED_CONFIG, claim, save_resolved_config
 
+    earlier = out / RESOLVED_CONFIG
+    if earlier.is_file():  # never replace a trained run's record with a base-model evaluation
+        method = OmegaConf.select(OmegaConf.load(earlier), "adapter.method")
+        if method != "none":
+            raise ConfigError(
+                f"out={out} holds a run with adapter.method={method!r}; a base-model evaluation would replace "
+                "its config and status: choose another out=DIR (or run_dir= to evaluate that run)"
+            )
     claim(out, "auto")  # a rerun into the same dir replaces the earlier evaluation
     record = cfg.copy()
     with open_dict(record):

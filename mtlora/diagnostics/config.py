@@ -83,8 +83,9 @@ def check_diagnostics_hardware(cfg: DictConfig) -> list[str]:
     ``autograd.grad`` outside the DeepSpeed engine (conflict, routing, divergence); with several processes
     the main process would wait forever for the others' shards, with one the weights read are empty."""
     which = _get(cfg, "diagnostics.which", [])
+    scheduled = any(_get(cfg, f"diagnostics.{k}", None) for k in ("at_init", "at_end", "every_steps"))
     ds = OmegaConf.select(cfg, "hardware.deepspeed")
-    if not which or not ds or OmegaConf.select(cfg, "hardware.deepspeed.stage") != 3:
+    if not which or not scheduled or not ds or OmegaConf.select(cfg, "hardware.deepspeed.stage") != 3:
         return []
     try:
         procs = int(OmegaConf.select(cfg, "hardware.num_processes") or 1) * int(

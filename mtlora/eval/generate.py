@@ -74,20 +74,49 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def special_spans(enc: Sequence[int], plain: Sequence[int]) -> tuple[int, int]:
+    """``(head, tail)``: how many ids the tokenizer's special tokens add before and after the text, from the
+    ids of one prompt with (``enc``) and without (``plain``) special tokens; ``(0, 0)`` when they differ
+    otherwise (then the whole ``enc`` counts as text)."""
+    extra = len(enc) - len(plain)
+    if extra <= 0:
+        return 0, 0
+    if list(enc[extra:]) == list(plain):
+        return extra, 0
+    if list(enc[: len(plain)]) == list(plain):
+        return 0, extra
+    return 0, 0
+
+
 def truncate_prompts(
-    enc: list[list[int]], max_input_tokens: int | None, side: str = "left"
+    enc: list[list[int]],
+    max_input_tokens: int | None,
+    side: str = "left",
+    special: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[list[list[int]], int]:
-    """Token id lists cut to ``max_input_tokens`` (``left``: keep the end; ``right``: keep the start), and how
-    many were cut. ``None`` keeps them whole."""
+    """Token id lists cut to ``max_input_tokens``, and how many were cut (``None``: kept whole).
+
+    Only the text is cut, as a Hugging Face tokenizer with ``truncation=True`` does: ``special[i] = (head,
+    tail)`` ids of prompt ``i`` (BOS, ...; :func:`special_spans`) are kept. ``left`` keeps the end of the text
+    (the question), ``right`` its start (Hugging Face's default ``truncation_side``)."""
     if side not in ("left", "right"):
         raise ValueError(f"truncation_side must be 'left' or 'right', got {side!r}")
     if max_input_tokens is None:
         return enc, 0
     if max_input_tokens < 1:
         raise ValueError(f"max_input_tokens must be >= 1 or None, got {max_input_tokens}")
-    n = max_input_tokens
-    cut = [(x[-n:] if side == "left" else x[:n]) if len(x) > n else x for x in enc]
-    return cut, sum(len(x) > n for x in enc)
+    out, n_cut = [], 0
+    for i, x in enumerate(enc):
+        if len(x) <= max_input_tokens:
+            out.append(x)
+            continue
+        head, tail = special[i] if special is not None else (0, 0)
+        keep = max(max_input_tokens - head - tail, 1)
+        text = x[head : len(x) - tail]
+        text = text[-keep:] if side == "left" else text[:keep]
+        out.append([*x[:head], *text, *x[len(x) - tail :]])
+        n_cut += 1
+    return out, n_cut
 
 
 def truncate_at_first_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -120,12 +149,23 @@ def _stop_window(stop: Sequence[str]) -> int:
     return max((len(s.encode()) for s in stop), default=0) + 8
 
 
+def _row_droppable_layer_types() -> tuple[type, ...]:
+    """Cache layer classes holding nothing but per-row keys and values (``batch_select_indices`` is exact)."""
+    from transformers import cache_utils
+
+    names = ("DynamicLayer", "DynamicSlidingWindowLayer")
+    return tuple(getattr(cache_utils, n) for n in names if hasattr(cache_utils, n))
+
+
 def _select_rows(cache, keep: torch.Tensor) -> bool:
-    """Keep only the batch rows ``keep`` of a KV cache in place; False when the cache cannot do it."""
-    select = getattr(cache, "batch_select_indices", None)
-    if select is None:
+    """Keep only the batch rows ``keep`` of a KV cache in place; False (cache untouched) unless every layer is
+    a plain dynamic key/value layer: static caches cannot drop rows, and linear-attention or hybrid layers
+    hold recurrent states that ``batch_select_indices`` would leave at the full batch."""
+    layers = getattr(cache, "layers", None)
+    safe = _row_droppable_layer_types()
+    if not layers or not hasattr(cache, "batch_select_indices") or any(type(x) not in safe for x in layers):
         return False
-    select(keep)
+    cache.batch_select_indices(keep)
     return True
 
 
@@ -217,8 +257,9 @@ def greedy_generate(
     ``task_ids``: one training-task id for every prompt (int) or one per prompt; required when an unmerged
     adapter layer needs task ids (a ``ValueError`` otherwise). ``stats``, when given, receives
     ``batches`` (the number of batches), ``batch_sizes`` and ``truncated`` (prompts cut to
-    ``max_input_tokens``: ``truncation_side="left"`` keeps the last tokens, ``"right"`` the first ones, as a
-    Hugging Face tokenizer with ``truncation=True, max_length=...`` does by default). ``return_ids``: the generated token ids
+    ``max_input_tokens``, :func:`truncate_prompts`: the special tokens the tokenizer adds, such as BOS, are
+    kept; ``truncation_side="left"`` keeps the end of the text, ``"right"`` its start, which is Hugging Face's
+    default side). ``return_ids``: the generated token ids
     instead (EOS excluded; up to and including the token that completed a stop string).
     """
     if max_new_tokens < 1:
@@ -241,7 +282,13 @@ def greedy_generate(
     enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     if any(len(x) == 0 for x in enc):
         raise ValueError("a prompt tokenizes to zero tokens")
-    enc, truncated = truncate_prompts(enc, max_input_tokens, truncation_side)
+    special = None
+    if max_input_tokens is not None and add_special_tokens and any(len(x) > max_input_tokens for x in enc):
+        special = [
+            special_spans(x, tokenizer(p, add_special_tokens=False)["input_ids"])
+            for x, p in zip(enc, prompts)
+        ]
+    enc, truncated = truncate_prompts(enc, max_input_tokens, truncation_side, special)
     batches = plan_batches([len(x) for x in enc], batch_tokens, max_batch_size)
     if stats is not None:
         stats["batches"] = len(batches)

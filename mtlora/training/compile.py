@@ -6,7 +6,8 @@ while the embedding, the final norm and the loss stay eager. This is the per-lay
 ``/work/shared/docs/performance.md`` (about 1.1x tokens/s at Qwen2.5-0.5B on an H100). The adapter layers are
 inside the decoder layers and are compiled with them; what they read from ``model.adapter_context`` (task
 ids) becomes a graph input, and what they hand back (alignment captures, auxiliary losses) is a graph break,
-so every adapter keeps its eager behaviour (tested against ``enabled: false``).
+so every adapter keeps its eager behaviour (tested against ``enabled: false``). Generation at the end of a run
+(BBH, held-in generation) runs the layers eagerly (:func:`eager_layers`).
 
 Config (``conf/train/default.yaml``)::
 
@@ -20,6 +21,8 @@ Config (``conf/train/default.yaml``)::
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from omegaconf import DictConfig
 from torch import nn
@@ -77,3 +80,19 @@ def compile_decoder_layers(model: nn.Module, cfg: DictConfig | dict | None) -> i
 def is_compiled(module: nn.Module) -> bool:
     """Whether ``module`` was compiled in place with ``nn.Module.compile``."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+@contextmanager
+def eager_layers(model: nn.Module) -> Iterator[None]:
+    """Run the layers compiled by :func:`compile_decoder_layers` eagerly inside the block (restored after).
+
+    Used around generation (end-of-run BBH / held-in suites): a KV cache that grows every step and batches
+    that shrink as rows finish would make the training-shaped graphs recompile again and again."""
+    saved = [(m, m._compiled_call_impl) for m in model.modules() if is_compiled(m)]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl

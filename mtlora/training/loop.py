@@ -41,7 +41,7 @@ from mtlora.run.plots import plot_loss
 from mtlora.run.tracker import Tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
-from mtlora.training.compile import compile_decoder_layers
+from mtlora.training.compile import compile_decoder_layers, eager_layers
 from mtlora.training.deepspeed import (
     backward_kwargs,
     deepspeed_plugin,
@@ -407,12 +407,15 @@ def generation_suites_at_end(
     ``heldin_gen`` / ``mmlu``; each writes its files into ``run_dir`` and logs its headline numbers."""
     if not cfg.eval.at_end:
         return
-    if "bbh" in cfg.eval.suites:
-        _evaluate_bbh(cfg, model, tokenizer, data, run_dir, tracker, step)
-    if {"heldin_gen", "mmlu"} & set(cfg.eval.suites):
-        from mtlora.eval.heldin_gen import run_generation_suites
+    with eager_layers(model):  # train.compile: generation shapes would recompile the training graphs
+        if "bbh" in cfg.eval.suites:
+            _evaluate_bbh(cfg, model, tokenizer, data, run_dir, tracker, step)
+        if {"heldin_gen", "mmlu"} & set(cfg.eval.suites):
+            from mtlora.eval.heldin_gen import run_generation_suites
 
-        run_generation_suites(cfg.eval, cfg, model, tokenizer, run_dir, data, data.task_names, tracker, step)
+            run_generation_suites(
+                cfg.eval, cfg, model, tokenizer, run_dir, data, data.task_names, tracker, step
+            )
 
 
 def _evaluate_bbh(cfg, inner, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int):

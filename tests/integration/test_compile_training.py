@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
-from mtlora.training.compile import compile_decoder_layers, decoder_layers, is_compiled
+from mtlora.training.compile import compile_decoder_layers, decoder_layers, eager_layers, is_compiled
 from tests.helpers.compose import compose_train
 from tests.helpers.training import SHORT_RUN, logged, train_tiny
 
@@ -43,6 +43,9 @@ def test_every_decoder_layer_is_compiled_in_place(tmp_path: Path) -> None:
     layers = decoder_layers(model)
     assert n == len(layers) == int(cfg.model.arch.num_hidden_layers) > 0
     assert all(is_compiled(m) for m in layers) and not is_compiled(model)
+    with eager_layers(model):  # generation runs the layers eagerly, then they are compiled again
+        assert not any(is_compiled(m) for m in layers)
+    assert all(is_compiled(m) for m in layers)
     assert (
         compile_decoder_layers(build_model(cfg.model), compose_train([], run_dir=tmp_path).train.compile) == 0
     )

@@ -217,6 +217,17 @@ def test_base_row_run_dir_fills_the_base_cell(tmp_path: Path) -> None:
     assert not table.failed and not table.no_metric
     with pytest.raises(ConfigError, match="mtlora.evaluate"):
         run(compose_train(["experiment=hydralora/t3/base", *TINY], run_dir=tmp_path / "t"), tmp_path / "t")
+    # a base-model evaluation never overwrites a trained run's record
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "config_resolved.yaml").write_text("adapter: {name: lora, method: lora}\n")
+    (trained / "COMPLETED").write_text("")
+    with pytest.raises(ConfigError, match="adapter.method='lora'"):
+        evaluate(
+            compose_train(["experiment=hydralora/t3/base", *TINY_BASE], run_dir=trained),
+            {"out": str(trained)},
+        )
+    assert (trained / "COMPLETED").is_file() and "lora" in (trained / "config_resolved.yaml").read_text()
 
 
 @pytest.mark.parametrize("table", TABLES)

@@ -244,3 +244,71 @@ def test_model_merged_for_one_task_generates_that_task_and_refuses_others(tmp_pa
     )
     with pytest.raises(ValueError, match="merged for task 2"):
         greedy_generate(model, tok, PROMPTS[:3], 6, task_ids=[2, 0, 2], progress=False)
+
+
+def test_rows_are_dropped_only_from_plain_dynamic_caches():
+    from transformers.cache_utils import DynamicCache
+
+    from mtlora.eval.generate import _select_rows
+
+    cache = DynamicCache()
+    k = torch.arange(3 * 2 * 4 * 5, dtype=torch.float32).reshape(3, 2, 4, 5)
+    cache.update(k, k + 1, 0)
+    assert _select_rows(cache, torch.tensor([0, 2]))
+    kept = cache.layers[0].keys
+    assert kept.shape[0] == 2 and torch.equal(kept, k[[0, 2]])
+
+    class StateLayer:  # e.g. a linear-attention layer: recurrent states beside the keys
+        def batch_select_indices(self, keep):  # pragma: no cover - must not be called
+            raise AssertionError("a layer with other state must not be trimmed")
+
+    class Mixed:
+        layers = [cache.layers[0], StateLayer()]
+        batch_select_indices = DynamicCache.batch_select_indices
+
+    assert not _select_rows(Mixed(), torch.tensor([0]))
+    assert cache.layers[0].keys.shape[0] == 2  # untouched: all layers are checked before any is trimmed
+    assert not _select_rows(None, torch.tensor([0])) and not _select_rows((k, k), torch.tensor([0]))
+
+
+def test_truncation_keeps_the_special_tokens_the_tokenizer_adds(tiny):
+    """A tokenizer that adds BOS: the cut prompt still starts with BOS, and only its text is shortened."""
+    from mtlora.eval.generate import special_spans, truncate_prompts
+
+    model, tok = tiny
+    bos = tok.eos_token_id  # any id the text never produces will do
+
+    class WithBos:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = self._inner(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": ([bos] if add_special_tokens else []) + ids}
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    btok = WithBos(tok)
+    n = 6
+    plain = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    stats: dict = {}
+    got = greedy_generate(
+        model, btok, PROMPTS, 1, progress=False, return_ids=True, max_input_tokens=n, stats=stats,
+        truncation_side="left",
+    )  # fmt: skip
+    assert stats["truncated"] == sum(len(x) + 1 > n for x in plain) > 0
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    try:
+        greedy_generate(model, btok, PROMPTS[:2], 1, progress=False, max_input_tokens=n, batch_tokens=1)
+    finally:
+        hook.remove()
+    for ids, x in zip(seen, plain[:2]):  # batch_tokens=1: one prompt per batch, no padding
+        row = ids[0].tolist()
+        assert row == ([bos] + x if len(x) + 1 <= n else [bos, *x[-(n - 1) :]])
+    assert len(got) == len(PROMPTS)
+    assert special_spans([bos, 5, 6], [5, 6]) == (1, 0) and special_spans([5, 6, 9], [5, 6]) == (0, 1)
+    assert special_spans([5, 6], [5, 6]) == (0, 0) and special_spans([7, 5], [5, 6]) == (0, 0)
+    cut, k = truncate_prompts([[1, 2, 3, 4, 5, 9]], 4, "right", [(1, 1)])
+    assert cut == [[1, 2, 3, 9]] and k == 1

@@ -206,8 +206,7 @@ def test_task_id_is_refused_for_adapters_without_tasks() -> None:
 
 def test_merged_model_generates_like_the_unmerged_one_for_its_task(tmp_path) -> None:
     """Greedy generation (KV cache, left padding) merged for task 2 without task ids equals the unmerged
-    model given task id 2 for every prompt. (greedy_generate drops task_ids once no layer needs them, so a
-    mismatched id is not seen there; the model forward refuses it, tested above.)"""
+    model given task id 2 for every prompt; rows of another task are refused."""
     model = injected("mtl_lora")
     tok = build_tokenizer(compose_train(["debug=smoke"]).model)
     prompts = ["Q: 12+7=", "Sort the words: pear apple fig\nA:", "x"]
@@ -219,3 +218,5 @@ def test_merged_model_generates_like_the_unmerged_one_for_its_task(tmp_path) -> 
     assert want != gen(0)  # the task matters
     merge_adapters(model, task_id=2)
     assert gen(None) == want and gen(2) == want
+    with pytest.raises(ValueError, match="merged for task 2"):
+        gen(0)
