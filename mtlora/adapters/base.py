@@ -105,17 +105,21 @@ class AdapterLayer(nn.Module):
         self.context.aux_losses[f"{self.adapter_name}.{key}"] = value
 
     @torch.no_grad()
+    def _fold(self, delta: torch.Tensor, sign: float) -> None:
+        """``W0 ± ΔW`` in place, ``ΔW`` cast to the base weight's device and dtype."""
+        w = self.base_layer.weight
+        w.add_(delta.to(device=w.device, dtype=w.dtype), alpha=sign)
+
+    @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        w = self.base_layer.weight
-        w.add_(self.delta_weight().to(w.dtype))
+        self._fold(self.delta_weight(), 1.0)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.sub_(self.delta_weight().to(w.dtype))
+        self._fold(self.delta_weight(), -1.0)
         self.merged = False

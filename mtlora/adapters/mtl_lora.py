@@ -109,8 +109,7 @@ class TaskAwareLayer(AdapterLayer):
             raise ValueError(
                 f"{self._where()} is merged for task {self.merged_task}; unmerge() before merging task {t}"
             )
-        w = self.base_layer.weight
-        w.add_(self.merged_delta_weight(t).to(device=w.device, dtype=w.dtype))
+        self._fold(self.merged_delta_weight(t), 1.0)
         self.merged_task = t
         self.merged = True
 
@@ -118,8 +117,7 @@ class TaskAwareLayer(AdapterLayer):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.sub_(self.merged_delta_weight(self.merged_task).to(device=w.device, dtype=w.dtype))
+        self._fold(self.merged_delta_weight(self.merged_task), -1.0)
         self.merged_task = None
         self.merged = False
 
