@@ -39,6 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.count import NO_OUTPUT_OVERRIDES
+from mtlora.run.tracker import Tracker
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -65,9 +66,9 @@ def _is_wandb(logger: DictConfig | None) -> bool:
     return logger is not None and str(logger.get("name", "none")).startswith("wandb")
 
 
-class DiagnoseTracker:
-    """A new wandb run for the records of one ``diagnose`` call (see the module doc); ``log``/``finish`` as
-    :class:`mtlora.run.tracker.Tracker`, whose id file (``wandb_id.txt``, the training run's) is left alone."""
+class DiagnoseTracker(Tracker):
+    """A :class:`~mtlora.run.tracker.Tracker` on a new wandb run for the records of one ``diagnose`` call (see
+    the module doc); the id file (``wandb_id.txt``, the training run's) is left alone."""
 
     def __init__(self, saved: DictConfig, run_dir: Path, logger: DictConfig, diag_cfg: DictConfig) -> None:
         import wandb
@@ -94,12 +95,6 @@ class DiagnoseTracker:
             mode=logger.wandb.mode,
             config=config,
         )
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
-
-    def finish(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
 
 
 def diagnose(

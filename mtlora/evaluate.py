@@ -118,7 +118,7 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     device = torch.device(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = opts.get("run_dir")
     if run_dir:
-        from mtlora.load import load_run
+        from mtlora.load import load_run, run_task_names
         from mtlora.run.rundir import load_resolved_config
 
         run_dir = Path(run_dir)
@@ -126,8 +126,7 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
             run_dir, device=device, allow_incomplete=bool(opts.get("allow_incomplete"))
         )
         run_cfg = load_resolved_config(run_dir)
-        names_file = run_dir / "adapter" / "adapter_config.json"
-        task_names = json.loads(names_file.read_text()).get("task_names") if names_file.exists() else None
+        task_names = run_task_names(run_dir)
         out = Path(opts.get("out") or run_dir)
     elif opts.get("adapter_none"):
         if not opts.get("out"):

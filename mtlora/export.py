@@ -63,7 +63,7 @@ from mtlora.adapters.lora import LoraLinear, lora_scaling
 from mtlora.adapters.multihead import MLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
-from mtlora.load import RunLoadError, check_run_dir, load_run
+from mtlora.load import RunLoadError, check_run_dir, load_run, run_task_names
 from mtlora.run.rundir import load_resolved_config
 
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main"]
@@ -105,15 +105,6 @@ def _check_method(run_dir: Path, method: str, fmt: str) -> None:
         )
 
 
-def _run_task_names(run_dir: Path, cfg) -> list[str]:
-    """The run's training task names in task-id order (``adapter/adapter_config.json``, else the config)."""
-    path = run_dir / "adapter" / "adapter_config.json"
-    names = json.loads(path.read_text()).get("task_names") if path.exists() else None
-    if names is None:
-        names = cfg.data.get("select") or cfg.data.get("tasks") or []
-    return [str(n) for n in names]
-
-
 def _resolve_task_id(run_dir: Path, cfg, task_id: int | str | None) -> tuple[int, str | None] | None:
     """``task_id`` (an id or a task name) as ``(id, name)`` for a task-aware run; None for the others.
 
@@ -121,7 +112,9 @@ def _resolve_task_id(run_dir: Path, cfg, task_id: int | str | None) -> tuple[int
     one of the run's tasks, or when a run that merges without one is given one."""
     method = cfg.adapter.method
     per_task = ADAPTER_METHODS[method].per_task_mergeable
-    names = _run_task_names(run_dir, cfg)
+    names = run_task_names(run_dir)
+    if names is None:  # no adapter config: the config's task order (as training saves it)
+        names = [str(n) for n in (cfg.data.get("select") or cfg.data.get("tasks") or [])]
     if not per_task:
         if task_id is not None:
             raise ExportError(

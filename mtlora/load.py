@@ -45,11 +45,19 @@ from mtlora.models.loading import build_model, torch_dtype
 from mtlora.run.base_model import base_parameters, fingerprint
 from mtlora.run.rundir import RESOLVED_CONFIG, load_resolved_config
 
-__all__ = ["RunLoadError", "check_run_dir", "load_base_model", "load_run"]
+__all__ = ["RunLoadError", "check_run_dir", "load_base_model", "load_run", "run_task_names"]
 
 
 class RunLoadError(RuntimeError):
     """A run dir cannot be loaded: missing files, an unfinished run, or base weights that do not match."""
+
+
+def run_task_names(run_dir: str | Path) -> list[str] | None:
+    """The run's training task names in task-id order, as saved in ``adapter/adapter_config.json`` (None
+    when the run saved no adapter config or no names)."""
+    path = Path(run_dir) / "adapter" / "adapter_config.json"
+    names = json.loads(path.read_text()).get("task_names") if path.exists() else None
+    return None if names is None else [str(n) for n in names]
 
 
 def _status(run_dir: Path) -> str:

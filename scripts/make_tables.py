@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             done = plots.plot_per_task(runs, metric, png, scale, protocol)
         else:
             x_path, xlabel, log_base = plots.CURVES[name]
-            done = plots.plot_curve(
-                runs, metric, x_path, png, xlabel, scale, protocol, log_x=log_base or False
-            )
+            done = plots.plot_curve(runs, metric, x_path, png, xlabel, scale, protocol, log_base=log_base)
         print(
             f"plot {name}: {done}" if done else f"plot {name}: no finished runs with {metric}",
             file=sys.stderr,

@@ -282,10 +282,12 @@ def greedy_generate(
     enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     if any(len(x) == 0 for x in enc):
         raise ValueError("a prompt tokenizes to zero tokens")
-    special = None
-    if max_input_tokens is not None and add_special_tokens and any(len(x) > max_input_tokens for x in enc):
+    special = None  # the special tokens of the prompts to cut (others are not tokenized again)
+    if max_input_tokens is not None and add_special_tokens:
         special = [
             special_spans(x, tokenizer(p, add_special_tokens=False)["input_ids"])
+            if len(x) > max_input_tokens
+            else (0, 0)
             for x, p in zip(enc, prompts)
         ]
     enc, truncated = truncate_prompts(enc, max_input_tokens, truncation_side, special)

@@ -33,11 +33,11 @@ def plot_curve(
     xlabel: str | None = None,
     scale: float = 100.0,
     bbh_protocol: str | None = None,
-    log_x: bool | float = False,
+    log_base: float | None = None,
 ) -> Path | None:
     """One line per (cell, model): mean over seeds of ``metric`` vs the config value at ``x_path``, with
-    ± std error bars; ``log_x``: a log x axis (True: base 2, a number: that base). None (nothing written)
-    when no finished run has both."""
+    ± std error bars; ``log_base``: a log x axis of that base (None: linear). None (nothing written) when
+    no finished run has both."""
     groups: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for g in build_summary(runs, metric, [x_path], scale, bbh_protocol):
         if _is_num(g[x_path]):
@@ -52,8 +52,8 @@ def plot_curve(
         pts.sort()
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, lw=1.4, label=f"{cell} ({model})")
-    if log_x:
-        ax.set_xscale("log", base=2 if log_x is True else float(log_x))
+    if log_base is not None:
+        ax.set_xscale("log", base=float(log_base))
         xs_all = sorted({x for pts in groups.values() for x, _, _ in pts})
         ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.minorticks_off()

@@ -278,7 +278,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
         )
     runs = tables.collect_runs([tmp_path])
     for png in (
-        plots.plot_curve(runs, "heldin_exact_match", "adapter.rank", tmp_path / "out/rank.png", log_x=True),
+        plots.plot_curve(runs, "heldin_exact_match", "adapter.rank", tmp_path / "out/rank.png", log_base=2),
         plots.plot_curve(runs, "heldin_exact_match", "alignment.weight", tmp_path / "out/lambda.png"),
         plots.plot_per_task(runs, "heldin_exact_match", tmp_path / "out/per_task.png"),
     ):
