@@ -35,33 +35,11 @@ from mtlora.config import validate_config
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from tests.helpers.compose import compose_train
+from tests.helpers.layers import ALPHA, D_IN, D_OUT, RANK, TASKS, make, randomise
 
-D_IN, D_OUT, RANK, ALPHA, TASKS = 16, 12, 4, 8.0, 3
 TASK_CLASSES = {"mtl_lora": MtlLoraLinear, "moelora": MoeLoraLinear}
 TASK_METHODS = list(TASK_CLASSES)
 ALL = {"dora": DoraLinear, **TASK_CLASSES}
-
-
-def make(cls, seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    base = nn.Linear(D_IN, D_OUT, bias=True)
-    ctx = AdapterContext()
-    args = {"rank": RANK, "alpha": ALPHA, **kw}
-    if cls is not DoraLinear:
-        args.setdefault("num_tasks", TASKS)
-    if cls is MoeLoraLinear:
-        args.setdefault("num_experts", 2)
-        args.setdefault("task_embed_dim", 5)
-    return cls(base, "blocks.0.up_proj", ctx, **args), base, ctx
-
-
-def randomise(layer, seed: int = 1, scale: float = 1.0) -> None:
-    """Move every trainable tensor away from its init (as training would)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in layer.named_parameters():
-            if n.startswith("lora"):
-                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def base_out(x, base: nn.Linear) -> torch.Tensor:

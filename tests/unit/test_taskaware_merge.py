@@ -19,27 +19,20 @@ from mtlora.adapters import (
     merge_adapters,
     unmerge_adapters,
 )
-from mtlora.adapters.context import AdapterContext
 from mtlora.eval.generate import greedy_generate, needs_task_ids
 from mtlora.models import build_model, build_tokenizer
 from tests.helpers.compose import compose_train
+from tests.helpers.layers import D_IN, D_OUT, TASKS, randomise
+from tests.helpers.layers import make as make_layer
 
-D_IN, D_OUT, RANK, ALPHA, TASKS = 16, 12, 4, 8.0, 3
 CLASSES = {"mtl_lora": MtlLoraLinear, "moelora": MoeLoraLinear}
 METHODS = list(CLASSES)
 
 
 def make(method: str, seed: int = 0):
-    torch.manual_seed(seed)
-    base = nn.Linear(D_IN, D_OUT, bias=True)
-    ctx = AdapterContext()
-    kw = {"num_experts": 2, "task_embed_dim": 5} if method == "moelora" else {}
-    layer = CLASSES[method](base, "blocks.0.up_proj", ctx, rank=RANK, alpha=ALPHA, num_tasks=TASKS, **kw)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # away from the init (B = 0), as training would
-        for n, p in layer.named_parameters():
-            if n.startswith("lora"):
-                p.add_(torch.randn(p.shape, generator=g))
+    """A toy layer of ``method`` away from its init (B = 0), as training would leave it, in eval mode."""
+    layer, base, ctx = make_layer(CLASSES[method], seed)
+    randomise(layer, seed + 1)
     return layer.eval(), base, ctx
 
 
