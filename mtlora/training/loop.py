@@ -341,6 +341,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.finish(ok)
         if ok:  # on failure another rank may never arrive; the launcher stops the others
             acc.wait_for_everyone()
+        # the DDP wrapper (its reducer holds the process group) goes first, so that end_training's
+        # destroy_process_group tears gloo down on every rank; freed later, its destructor can hang (seen once)
+        model = None  # noqa: F841
+        acc.free_memory()
         acc.end_training()
     return final
 
