@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -79,7 +80,15 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
         " ".join(cmd) + "\n"
     )
     log.info("launching %d workers: %s", cfg.hardware.num_processes, " ".join(cmd))
-    env = dict(os.environ)
+    return subprocess.run(cmd, env=worker_env(cfg, os.environ)).returncode
+
+
+def worker_env(cfg: DictConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The workers' environment: ``environ`` without a stale ``WORLD_SIZE``, unbuffered output, and
+    ``DS_ACCELERATOR=cpu`` for DeepSpeed on the CPU (DeepSpeed would pick CUDA on a machine that has it)."""
+    env = dict(environ)
     env.pop("WORLD_SIZE", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.run(cmd, env=env).returncode
+    if cfg.hardware.get("deepspeed") and cfg.hardware.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    return env

@@ -9,6 +9,7 @@ Matching (as in peft's ``check_target_module_exists``):
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -67,9 +68,23 @@ def replace_targets(
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = cls.from_config(getattr(parent, child), name, context, adapter_cfg)
+        base = getattr(parent, child)
+        with gathered_base(base):
+            layer = cls.from_config(base, name, context, adapter_cfg)
         setattr(parent, child, layer)
     return targets
+
+
+def gathered_base(module: nn.Module):
+    """The module's parameters gathered whole inside the block when DeepSpeed ZeRO-3 has partitioned them
+    (a pretrained model loaded under ``zero.Init``), so that an adapter's init can read ``W0`` (DoRA's
+    magnitude ``‖W0‖_row``); a no-op otherwise. A collective: every rank injects the same layers in order."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def inject_adapters(model: nn.Module, adapter_cfg: DictConfig) -> AdapterContext:

@@ -11,16 +11,23 @@
 * ``trainer_state.json``: step, data position ``(epoch, batch)``, logging accumulators, watchdog state.
 
 Accelerate's ``save_state`` pickles the optimizer and RNG states, which is why it is not used here.
+Under DeepSpeed ZeRO the optimizer state is partitioned over the ranks (and, under ZeRO-3, so are the fp32
+adapter weights): there ``deepspeed/`` holds DeepSpeed's own checkpoint of the trainable state
+(``engine.save_checkpoint``, every rank writes its partition; DeepSpeed's files are ``torch.save`` files,
+read back only from the run's own checkpoint), instead of the ``optimizer.*`` files. The adapter is still
+written whole as ``adapter_model.safetensors``.
 A checkpoint is written to ``step_N.tmp`` and renamed when complete, so a killed run never leaves a
 half-written ``step_N``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from mtlora.adapters.state import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_state_dict
 
 TRAINER_STATE = "trainer_state.json"
+#: the ``tag`` (sub-directory) of DeepSpeed's checkpoint inside ``step_N/`` (ZeRO runs)
+DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -91,8 +100,14 @@ def save_checkpoint(
     is_main: bool,
     barrier=lambda: None,
     rank_state: dict | None = None,
+    engine: Any = None,
+    gathered: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Path:
-    """Write a checkpoint (every rank calls this; rank-specific RNG/state files, shared files from rank 0)."""
+    """Write a checkpoint (every rank calls this; rank-specific RNG/state files, shared files from rank 0).
+
+    ``engine``: the DeepSpeed engine of a ZeRO run (its partitioned trainable state goes to ``deepspeed/``);
+    ``gathered``: a context in which the adapter's parameters are whole (ZeRO-3: a collective, entered by
+    every rank)."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,11 +116,16 @@ def save_checkpoint(
     rng_t, rng_m = _rng_state()
     save_file(rng_t, str(tmp / f"rng_rank{rank}.safetensors"))
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps({**rng_m, "rank_state": rank_state or {}}))
+    if engine is not None:  # a collective: every rank writes its partition
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, save_latest=False)
+    with gathered():
+        if is_main:
+            save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS))
     if is_main:
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS))
-        opt_t, opt_m = _optimizer_to_files(optimizer.state_dict())
-        save_file(opt_t, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_m))
+        if engine is None:
+            opt_t, opt_m = _optimizer_to_files(optimizer.state_dict())
+            save_file(opt_t, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_m))
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
     barrier()
@@ -117,15 +137,42 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+    engine: Any = None,
 ) -> dict:
     """Restore adapter weights, optimizer, scheduler and this rank's RNG; return the trainer state, with this
-    rank's own state under ``"rank_state"``."""
-    load_adapter_state_dict(model, load_file(str(ckpt_dir / ADAPTER_WEIGHTS)))
-    opt_meta = json.loads((ckpt_dir / "optimizer.json").read_text())
-    optimizer.load_state_dict(
-        _optimizer_from_files(load_file(str(ckpt_dir / "optimizer.safetensors")), opt_meta)
-    )
+    rank's own state under ``"rank_state"``. With a DeepSpeed ``engine`` the adapter weights and the optimizer
+    come from DeepSpeed's checkpoint (a collective; the same world size and ZeRO stage as the saving run)."""
+    if engine is not None:
+        if not (ckpt_dir / DEEPSPEED_TAG).is_dir():
+            raise FileNotFoundError(
+                f"{ckpt_dir}: no {DEEPSPEED_TAG}/ checkpoint (saved without DeepSpeed); resume it with the "
+                "hardware preset it was trained with"
+            )
+        path, _ = engine.load_checkpoint(
+            str(ckpt_dir),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,  # the frozen base is not in the checkpoint
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # the scheduler is ours (scheduler.json)
+        )
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir / DEEPSPEED_TAG}: DeepSpeed could not load this checkpoint")
+    else:
+        if (ckpt_dir / DEEPSPEED_TAG).is_dir():
+            raise FileNotFoundError(
+                f"{ckpt_dir}: a DeepSpeed checkpoint (its optimizer state is partitioned); resume it with the "
+                "DeepSpeed hardware preset it was trained with"
+            )
+        load_adapter_state_dict(model, load_file(str(ckpt_dir / ADAPTER_WEIGHTS)))
+        opt_meta = json.loads((ckpt_dir / "optimizer.json").read_text())
+        optimizer.load_state_dict(
+            _optimizer_from_files(load_file(str(ckpt_dir / "optimizer.safetensors")), opt_meta)
+        )
     scheduler.load_state_dict(json.loads((ckpt_dir / "scheduler.json").read_text()))
     rng_file = ckpt_dir / f"rng_rank{rank}.safetensors"
     rank_meta: dict = {}

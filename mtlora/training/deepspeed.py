@@ -61,7 +61,8 @@ def deepspeed_config(hw_cfg: DictConfig, train_cfg: DictConfig) -> dict[str, Any
         zero["allgather_bucket_size"] = bucket
     if stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
-        zero["stage3_param_persistence_threshold"] = 100_000
+        threshold = ds.get("param_persistence_threshold")
+        zero["stage3_param_persistence_threshold"] = 100_000 if threshold is None else int(threshold)
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if ds.get("offload_optimizer"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -106,6 +107,25 @@ def deepspeed_plugin(cfg: DictConfig):
     return DeepSpeedPlugin(hf_ds_config=ds)
 
 
+def accelerator_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``Accelerator`` keyword arguments for the device and DeepSpeed settings of ``cfg.hardware``.
+
+    DeepSpeed on the CPU (``hardware.device=cpu``, DeepSpeed's CPU accelerator) needs Accelerate's GPU code
+    path with a gloo process group: ``cpu=True`` would silently drop the DeepSpeed plugin, and without an
+    explicit backend Accelerate would see one process per rank."""
+    plugin = deepspeed_plugin(cfg)
+    on_cpu = cfg.hardware.device == "cpu"
+    if plugin is None or not on_cpu:
+        return {"cpu": on_cpu, "deepspeed_plugin": plugin}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {
+        "cpu": False,
+        "deepspeed_plugin": plugin,
+        "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")],
+    }
+
+
 def uses_deepspeed(acc) -> bool:
     from accelerate.utils import DistributedType
 
@@ -116,6 +136,27 @@ def zero_stage(acc) -> int:
     if not uses_deepspeed(acc):
         return 0
     return int(acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+@contextlib.contextmanager
+def model_build_context(acc, model_cfg: DictConfig):
+    """Context for building the base model. Under ZeRO-3 transformers builds models partitioned
+    (``deepspeed.zero.Init``): right for a pretrained model (each rank holds its shard only), but a
+    ``model.init=random`` model would draw other weights than on every other hardware setup (zero.Init
+    initialises module by module on gathered parameters). A random-init model is therefore built whole and
+    partitioned by ``prepare``, so that ``model.init_seed`` gives the same weights everywhere."""
+    plugin = acc.state.deepspeed_plugin if zero_stage(acc) == 3 else None
+    hf_config = getattr(plugin, "dschf", None)
+    if hf_config is None or model_cfg.init != "random":
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
 
 
 def backward_kwargs(acc) -> dict[str, Any]:

@@ -43,11 +43,14 @@ from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from mtlora.training.compile import compile_decoder_layers, eager_layers
 from mtlora.training.deepspeed import (
+    accelerator_kwargs,
     backward_kwargs,
-    deepspeed_plugin,
     defer_main_process_eval,
     micro_batch_context,
+    model_build_context,
+    uses_deepspeed,
     zero3_gathered,
+    zero_stage,
 )
 from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
@@ -89,9 +92,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         # job owns the process, so it starts from a clean state.
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(
-        cpu=cfg.hardware.device == "cpu",
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-        deepspeed_plugin=deepspeed_plugin(cfg),  # None without hardware.deepspeed (mtlora.training.deepspeed)
+        **accelerator_kwargs(cfg),  # device, DeepSpeed plugin (mtlora.training.deepspeed)
     )
 
 
@@ -119,7 +121,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     acc = make_accelerator(cfg)
     cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: evaluate after training
     torch.manual_seed(int(cfg.seed))
-    tokenizer, model, data = build_model_and_data(cfg)
+    with model_build_context(acc, cfg.model):  # ZeRO-3: a random-init model is built whole
+        tokenizer, model, data = build_model_and_data(cfg)
     params = count_parameters(model)
     per_task = rows_per_task(cfg)
     stream = BatchStream(
@@ -164,6 +167,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
             run_dir,
             cfg,
             world_size=acc.num_processes,
+            distributed={"type": acc.distributed_type.value, "zero_stage": zero_stage(acc)},
             parameters=params,
             total_steps=steps,
             mixture=data.summary(),
@@ -186,7 +190,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     step, epoch, batch = 0, 0, 0
     ckpt = resolve_resume(cfg.get("resume"), run_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, inner, optimizer, scheduler, acc.process_index)
+        engine = model if uses_deepspeed(acc) else None
+        state = load_checkpoint(ckpt, inner, optimizer, scheduler, acc.process_index, engine=engine)
         step, (epoch, batch) = state["step"], state["data_position"]
         watchdog.load_state_dict(state["watchdog"])
         interval = Interval(**state["rank_state"]["interval"])
@@ -324,6 +329,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                     acc.is_main_process,
                     acc.wait_for_everyone,
                     rank_state={"interval": interval.__dict__},  # this process's sums since the last log
+                    engine=model if uses_deepspeed(acc) else None,
+                    gathered=lambda: zero3_gathered(acc, trainable),
                 )
                 if acc.is_main_process:
                     prune_checkpoints(run_dir, int(cfg.train.keep_checkpoints))

@@ -198,3 +198,35 @@ def test_save_overwrites_existing_and_stale_tmp(cfg, tmp_path: Path) -> None:
     assert not stale.exists()
     assert "junk.bin" not in {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / TRAINER_STATE).read_text())["again"] is True
+
+
+class _Engine:
+    """Records DeepSpeed engine checkpoint calls (the real engine: tests/integration/test_deepspeed_training)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def save_checkpoint(self, save_dir, tag, **kw):
+        self.calls.append(("save", tag, kw))
+        (Path(save_dir) / tag).mkdir()
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        self.calls.append(("load", tag, kw))
+        return str(Path(load_dir) / tag), {}
+
+
+def test_deepspeed_checkpoint_holds_the_engine_state_and_is_refused_without_it(cfg, tmp_path: Path) -> None:
+    model, opt, sched = setup(cfg)
+    engine = _Engine()
+    ds_ckpt = tmp_path / "ds" / "step_1"
+    save_checkpoint(ds_ckpt, model, opt, sched, {"step": 1}, rank=0, is_main=True, engine=engine)
+    assert engine.calls == [("save", "deepspeed", {"exclude_frozen_parameters": True, "save_latest": False})]
+    assert (ds_ckpt / "adapter_model.safetensors").exists() and not (ds_ckpt / "optimizer.json").exists()
+    load_checkpoint(ds_ckpt, model, opt, sched, rank=0, engine=engine)
+    assert engine.calls[-1][:2] == ("load", "deepspeed") and engine.calls[-1][2]["load_optimizer_states"]
+    with pytest.raises(FileNotFoundError, match="DeepSpeed hardware preset"):
+        load_checkpoint(ds_ckpt, model, opt, sched, rank=0)
+    plain = tmp_path / "plain" / "step_1"
+    save_checkpoint(plain, model, opt, sched, {"step": 1}, rank=0, is_main=True)
+    with pytest.raises(FileNotFoundError, match="saved without DeepSpeed"):
+        load_checkpoint(plain, model, opt, sched, rank=0, engine=engine)

@@ -14,6 +14,7 @@ from mtlora.config import validate_config
 from mtlora.errors import ConfigError
 from mtlora.training.deepspeed import (
     DEEPSPEED_CONFIG,
+    accelerator_kwargs,
     backward_kwargs,
     deepspeed_config,
     defer_main_process_eval,
@@ -77,6 +78,23 @@ def test_zero3_eight_gpus_gathers_16bit_on_save():
     assert "zero_force_ds_cpu_optimizer" not in ds
 
 
+def test_cpu_zero3_partitions_every_parameter():
+    z = deepspeed_config(_hw("cpu2_zero3"), TRAIN)["zero_optimization"]
+    assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0
+    assert deepspeed_config(_hw("cpu2_zero2"), TRAIN)["train_batch_size"] == 4 * 2 * 2
+
+
+def test_accelerator_kwargs_keep_deepspeed_on_the_cpu():
+    """Accelerate's ``cpu=True`` drops the DeepSpeed plugin (a plain MULTI_CPU run would follow): DeepSpeed on
+    the CPU goes through the non-CPU path with a gloo process group."""
+    kw = accelerator_kwargs(compose_train(["hardware=cpu2_zero3"]))
+    assert kw["cpu"] is False and kw["deepspeed_plugin"].zero_stage == 3
+    assert [h.backend for h in kw["kwargs_handlers"]] == ["gloo"]
+    assert accelerator_kwargs(compose_train(["hardware=cpu_ddp2"])) == {"cpu": True, "deepspeed_plugin": None}
+    gpu = accelerator_kwargs(compose_train(["hardware=gpu1_zero2"]))
+    assert gpu["cpu"] is False and gpu["deepspeed_plugin"].zero_stage == 2 and "kwargs_handlers" not in gpu
+
+
 def test_zero3_offload_and_fp32_without_clipping():
     train = OmegaConf.merge(TRAIN, {"precision": "fp32", "max_grad_norm": None})
     ds = deepspeed_config(_hw("gpu8_zero3_offload"), train)
@@ -131,8 +149,9 @@ def test_written_config_matches(tmp_path):
     [
         (["hardware=gpu1_zero2", "hardware.deepspeed.stage=1"], "hardware.deepspeed.stage"),
         (["hardware=gpu1_zero2", "hardware.deepspeed.offload_param=true"], "needs stage 3"),
-        (["hardware=gpu1_zero2", "hardware.device=cpu"], "needs hardware.device=cuda"),
-        (["hardware=gpu1_zero2", "train.checkpoint_every=5"], "checkpoint_every"),
+        (["hardware=gpu1_zero2", "hardware.launcher=none"], "needs hardware.launcher=accelerate"),
+        (["hardware=gpu1_zero2", "+hardware.deepspeed.param_persistence_threshold=0"], "needs stage 3"),
+        (["hardware=cpu2_zero3", "hardware.deepspeed.param_persistence_threshold=-1"], "integer >= 0"),
         (["hardware=gpu1_zero3", "++train.loss.impl=chunked"], "must be 'full' under ZeRO-3"),
         (["hardware=multinode", "hardware.num_machines=2", "hardware.machine_rank=2"], "machine_rank=2"),
     ],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlora.launch import worker_command
+from mtlora.launch import worker_command, worker_env
 from tests.helpers.compose import compose_train
 
 RUN = Path("/runs/x")
@@ -52,6 +52,22 @@ def test_gpu1_zero2_uses_deepspeed():
         "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
         "--use_deepspeed",
     ]  # fmt: skip
+
+
+def test_cpu2_zero3_uses_deepspeed_on_the_cpu_accelerator():
+    cfg = compose_train(["hardware=cpu2_zero3"])
+    argv = _strip_port(_argv(["hardware=cpu2_zero3"]))
+    assert argv == [
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--use_deepspeed", "--num_cpu_threads_per_process", "1",
+    ]  # fmt: skip
+    env = worker_env(cfg, {"WORLD_SIZE": "8", "PATH": "/bin"})
+    assert env == {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def test_worker_env_leaves_the_accelerator_to_deepspeed_on_gpus():
+    for hw in ("gpu1_zero3", "cpu_ddp2"):
+        assert "DS_ACCELERATOR" not in worker_env(compose_train([f"hardware={hw}"]), {})
 
 
 def test_gpu8_zero3_no_multi_gpu_flag():
