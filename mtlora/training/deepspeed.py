@@ -15,9 +15,12 @@ The helpers below are no-ops without DeepSpeed, so the loop has one code path:
   it by the accumulation steps again (``scale_wrt_gas=False``);
 * :func:`zero3_gathered`: under ZeRO-3 the parameters are partitioned (shape ``[0]`` outside a forward); the
   adapter is gathered on every rank before the main process saves it, so the saved adapter is complete;
-* :func:`defer_main_process_eval`: the evaluation suites run on the main process only, which under ZeRO-3
-  with several processes would wait forever for the other ranks' parameter shards; there they are switched
-  off with a warning (evaluate the saved adapter afterwards: ``python -m mtlora.evaluate``).
+* :func:`defer_main_process_eval`: the generation suites (``bbh``, ``heldin_gen``, ``mmlu``) run on the main
+  process only, which under ZeRO-3 with several processes would wait forever for the other ranks' parameter
+  shards, and how many forwards a generation takes depends on its outputs; there they are switched off with
+  a warning (evaluate the saved adapter afterwards: ``python -m mtlora.evaluate``). The teacher-forced
+  ``heldin`` suite has a fixed number of forwards: under ZeRO-3 every rank runs it in lockstep
+  (:func:`eval_on_every_rank`) and the main process logs it.
 """
 
 from __future__ import annotations
@@ -195,21 +198,32 @@ def zero3_gathered(acc, params: Iterable[torch.nn.Parameter], collective: bool =
         yield
 
 
+#: evaluation suites that generate (data-dependent number of forwards): main process only
+GENERATION_SUITES = ("bbh", "heldin_gen", "mmlu")
+
+
+def eval_on_every_rank(acc) -> bool:
+    """Whether the teacher-forced evaluation must run on every rank: ZeRO-3 with several processes, where
+    each forward gathers the partitioned weights (a collective)."""
+    return zero_stage(acc) == 3 and acc.num_processes > 1
+
+
 def defer_main_process_eval(cfg: DictConfig, acc) -> DictConfig:
-    """``cfg`` without in-training/at-end evaluation under ZeRO-3 with several processes (see module doc)."""
-    if zero_stage(acc) != 3 or acc.num_processes == 1:
+    """``cfg`` without the generation suites under ZeRO-3 with several processes (see module doc)."""
+    if not eval_on_every_rank(acc) or not cfg.eval.get("at_end"):
         return cfg
-    if not (cfg.eval.get("suites") and (cfg.eval.get("at_end") or cfg.eval.get("every_steps"))):
+    suites = list(cfg.eval.get("suites") or [])
+    skipped = [s for s in suites if s in GENERATION_SUITES]
+    if not skipped:
         return cfg
     if acc.is_main_process:
         log.warning(
-            "ZeRO-3 over %d processes: evaluation (%s) runs on the main process only and would hang here; "
-            "it is skipped. Evaluate the saved adapter afterwards with `python -m mtlora.evaluate`.",
+            "ZeRO-3 over %d processes: the generation suites %s run on the main process only and would hang "
+            "here; they are skipped. Evaluate the saved adapter afterwards with `python -m mtlora.evaluate`.",
             acc.num_processes,
-            list(cfg.eval.suites),
+            skipped,
         )
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     with open_dict(cfg):
-        cfg.eval.at_end = False
-        cfg.eval.every_steps = None
+        cfg.eval.suites = [s for s in suites if s not in GENERATION_SUITES]
     return cfg

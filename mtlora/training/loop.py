@@ -46,6 +46,7 @@ from mtlora.training.deepspeed import (
     accelerator_kwargs,
     backward_kwargs,
     defer_main_process_eval,
+    eval_on_every_rank,
     micro_batch_context,
     model_build_context,
     uses_deepspeed,
@@ -119,7 +120,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     """Train ``cfg`` into ``run_dir`` (markers and config are handled by the caller). Returns final eval."""
     datasets.disable_progress_bars()
     acc = make_accelerator(cfg)
-    cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: evaluate after training
+    cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: no generation suites
     torch.manual_seed(int(cfg.seed))
     with model_build_context(acc, cfg.model):  # ZeRO-3: a random-init model is built whole
         tokenizer, model, data = build_model_and_data(cfg)
@@ -392,11 +393,13 @@ def _log_record(acc: Accelerator, it: Interval, step: int, epoch: int, scheduler
 
 
 def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step: int) -> dict:
+    """The ``heldin`` suite on the main process (under multi-rank ZeRO-3 on every rank, in lockstep)."""
     result: dict = {}
-    if acc.is_main_process:
+    if acc.is_main_process or eval_on_every_rank(acc):
         result = evaluate_heldin(
             inner, data, int(cfg.eval.batch_size), cfg.eval.get("max_examples_per_task"), acc.device
         )
+    if acc.is_main_process:
         result = {"step": step, "suite": "heldin", **result}
         eval_log.write(result)
         tracker.log({f"eval/{k}": v for k, v in result["macro"].items()}, step)

@@ -27,7 +27,6 @@ RUN = [
     "debug=smoke",
     "train.max_steps=4",
     "train.log_every=1",
-    "eval=none",
     "logger=none",
     "data.budget=128",
     "train.gradient_accumulation_steps=2",
@@ -57,6 +56,11 @@ def _assert_same_adapter(got_dir: Path, ref_dir: Path) -> None:
         assert float((v - ref[k]).norm() / ref[k].norm()) < 1e-3, k
 
 
+def _final_eval(run_dir: Path) -> dict:
+    lines = (run_dir / "metrics" / "eval.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])
+
+
 @pytest.fixture(scope="module")
 def single_lora(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("single"), "lora", ONE_RANK)
@@ -73,6 +77,10 @@ def test_zero_on_two_cpu_ranks_equals_one_process(stage: int, single_lora: Path,
     assert "--use_deepspeed" in (d / "launch_command.txt").read_text()
     assert logged(d) == pytest.approx(logged(single_lora), rel=1e-5)
     _assert_same_adapter(d, single_lora)
+    # held-out evaluation at the end (under ZeRO-3 every rank runs its forwards in lockstep)
+    got, ref = _final_eval(d), _final_eval(single_lora)
+    assert got["tasks"].keys() == ref["tasks"].keys() and got["micro"]["n"] == ref["micro"]["n"] > 0
+    assert got["macro"] == pytest.approx(ref["macro"], rel=1e-4)
 
 
 def test_zero3_injects_into_a_partitioned_pretrained_model(tmp_path: Path, single_lora: Path) -> None:

@@ -18,6 +18,7 @@ from mtlora.training.deepspeed import (
     backward_kwargs,
     deepspeed_config,
     defer_main_process_eval,
+    eval_on_every_rank,
     micro_batch_context,
     write_deepspeed_config,
     zero3_gathered,
@@ -215,15 +216,20 @@ def test_loop_helpers_under_deepspeed_mark_the_accumulation_boundary():
         pass
 
 
-def test_multi_process_zero3_defers_evaluation():
-    cfg = compose_train(["hardware=gpu8_zero3", "eval.every_steps=2"])
+def test_multi_process_zero3_skips_only_the_generation_suites():
+    """The teacher-forced heldin suite runs on every rank in lockstep; generation suites are skipped."""
+    cfg = compose_train(["hardware=gpu8_zero3", "eval.every_steps=2", "eval.suites=[heldin,bbh,mmlu]"])
     acc = _FakeAcc(DistributedType.DEEPSPEED, stage=3, num_processes=8)
     acc.is_main_process = True
+    assert eval_on_every_rank(acc)
     out = defer_main_process_eval(cfg, acc)
-    assert out.eval.at_end is False and out.eval.every_steps is None
-    assert cfg.eval.at_end is True and cfg.eval.every_steps == 2  # the caller's config is left alone
+    assert list(out.eval.suites) == ["heldin"] and out.eval.at_end is True and out.eval.every_steps == 2
+    assert list(cfg.eval.suites) == ["heldin", "bbh", "mmlu"]  # the caller's config is left alone
+    heldin_only = compose_train(["hardware=gpu8_zero3"])
+    assert defer_main_process_eval(heldin_only, acc) is heldin_only
     for other in (
         _FakeAcc(DistributedType.DEEPSPEED, stage=3),
         _FakeAcc(DistributedType.DEEPSPEED, stage=2, num_processes=8),
     ):
+        assert not eval_on_every_rank(other)
         assert defer_main_process_eval(cfg, other) is cfg  # one process, or ZeRO-2: evaluation as usual
