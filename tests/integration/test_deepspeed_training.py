@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/ZeRO-3 through the CLI on the CPU (``hardware=cpu2_zero2|cpu2_zero3``: two processes,
+"""DeepSpeed ZeRO-2/ZeRO-3 (also with optimizer and parameter offload) through the CLI on the CPU (``hardware=cpu2_zero2|cpu2_zero3``: two processes,
 DeepSpeed's CPU accelerator, gloo), so that the ZeRO code path is tested without a GPU.
 
 ``cpu2_zero3`` partitions every parameter (``param_persistence_threshold: 0``; the tiny model's tensors are
@@ -66,14 +66,22 @@ def single_lora(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("single"), "lora", ONE_RANK)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_on_two_cpu_ranks_equals_one_process(stage: int, single_lora: Path, tmp_path: Path) -> None:
-    d = _ds_run(tmp_path / f"zero{stage}", [*TWO_RANKS, f"hardware=cpu2_zero{stage}"])
+OFFLOAD = ["hardware.deepspeed.offload_optimizer=true", "hardware.deepspeed.offload_param=true"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra"), [(2, []), (3, []), (3, OFFLOAD)], ids=["zero2", "zero3", "zero3-offload"]
+)
+def test_zero_on_two_cpu_ranks_equals_one_process(
+    stage: int, extra: list[str], single_lora: Path, tmp_path: Path
+) -> None:
+    d = _ds_run(tmp_path / f"zero{stage}", [*TWO_RANKS, f"hardware=cpu2_zero{stage}", *extra])
     meta = json.loads((d / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert meta["distributed"] == {"type": "DEEPSPEED", "zero_stage": stage}  # not silently plain DDP
     ds = json.loads((d / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 16
+    assert ("offload_param" in ds["zero_optimization"]) == bool(extra)
     assert "--use_deepspeed" in (d / "launch_command.txt").read_text()
     assert logged(d) == pytest.approx(logged(single_lora), rel=1e-5)
     _assert_same_adapter(d, single_lora)
