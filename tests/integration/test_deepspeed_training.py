@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-2/ZeRO-3 (also with optimizer and parameter offload) through the CLI on the CPU (``hardware=cpu2_zero2|cpu2_zero3``: two processes,
-DeepSpeed's CPU accelerator, gloo), so that the ZeRO code path is tested without a GPU.
+"""DeepSpeed ZeRO-2 and ZeRO-3 (also with optimizer and parameter offload) through the CLI on the CPU
+(``hardware=cpu2_zero2|cpu2_zero3``: two processes, DeepSpeed's CPU accelerator, gloo), so that the ZeRO
+code path is tested without a GPU.
 
 ``cpu2_zero3`` partitions every parameter (``param_persistence_threshold: 0``; the tiny model's tensors are
 all below DeepSpeed's default threshold, which would leave them whole). Two processes with 4 rows each and
