@@ -83,15 +83,22 @@ def meta_model(model_cfg: DictConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation)
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """The full size of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (``p.numel()`` is then 0
+    and ``p.ds_numel`` the whole tensor's size)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:
-    """Total and trainable parameter counts (tied weights counted once) and the trainable share in %."""
+    """Total and trainable parameter counts (tied weights counted once, ZeRO-3 partitions at full size) and
+    the trainable share in %."""
     seen: set[int] = set()
     total = trainable = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += param_numel(p)
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += param_numel(p)
     return {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}

@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from mtlora.models.loading import param_numel
+
 MAX_SAVED_PARAMS = 100_000_000
 
 
@@ -39,15 +41,17 @@ def save_base_model(model_cfg: DictConfig, model: torch.nn.Module, tokenizer, ou
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     params = base_parameters(model)
-    n = sum(p.numel() for p in params.values())
+    n = sum(param_numel(p) for p in params.values())
+    # small and whole: a ZeRO-3 partition (not gathered by the caller) can be neither hashed nor saved
+    small = n <= MAX_SAVED_PARAMS and all(p.numel() == param_numel(p) for p in params.values())
     source = {
         "model": OmegaConf.to_container(model_cfg, resolve=True),
         "num_parameters": n,
-        "fingerprint_sha256": fingerprint(params) if n <= MAX_SAVED_PARAMS else None,
+        "fingerprint_sha256": fingerprint(params) if small else None,
     }
     if model_cfg.init == "random":
         model.config.to_json_file(str(out_dir / "config.json"))
-        if n <= MAX_SAVED_PARAMS:
+        if small:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in params.items()},
                 str(out_dir / "model.safetensors"),

@@ -102,6 +102,8 @@ def test_zero3_injects_into_a_partitioned_pretrained_model(tmp_path: Path, singl
     ]
     d = _ds_run(tmp_path / "zero3", [*TWO_RANKS, *pretrained, "hardware=cpu2_zero3"])
     ref = train_tiny(tmp_path, "single", [*ONE_RANK, *pretrained])
+    meta, ref_meta = (json.loads((r / "meta.json").read_text()) for r in (d, ref))
+    assert meta["parameters"] == ref_meta["parameters"]  # the partitioned base counted at full size
     assert logged(d) == pytest.approx(logged(ref), rel=1e-5)
     _assert_same_adapter(d, ref)
 

@@ -249,3 +249,23 @@ def test_save_base_model_round_trip(tiny_cfg, tmp_path) -> None:
     reloaded = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     for text in TEXTS:
         assert reloaded(text)["input_ids"] == build_byte_tokenizer()(text)["input_ids"]
+
+
+def test_zero3_partitioned_parameters_count_at_full_size(tiny_cfg, tmp_path) -> None:
+    """Under ZeRO-3 a partitioned parameter is an empty tensor with ``ds_numel`` = its full size: counted at
+    full size, and a base model left partitioned is neither hashed nor saved (``source.json`` says so)."""
+    import json
+
+    from mtlora.run.base_model import save_base_model
+
+    model = build_model(tiny_cfg.model)
+    inject_adapters(model, tiny_cfg.adapter)
+    whole = count_parameters(model)
+    for p in model.parameters():  # what zero.Init / prepare leave on each rank
+        p.ds_numel, p.ds_id = p.numel(), 0
+        p.data = torch.empty(0, dtype=p.dtype)
+    assert count_parameters(model) == whole
+    out = save_base_model(tiny_cfg.model, model, build_tokenizer(tiny_cfg.model), tmp_path / "base_model")
+    source = json.loads((out / "source.json").read_text())
+    assert source["num_parameters"] == whole["total"] - whole["trainable"]
+    assert source["fingerprint_sha256"] is None and not (out / "model.safetensors").exists()
