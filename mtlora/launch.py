@@ -21,6 +21,9 @@ from mtlora.utils.dist import free_port
 
 log = logging.getLogger(__name__)
 
+#: the workers' environment for DeepSpeed on the CPU (hardware=cpu2_zero*)
+CPU_DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
 
 def worker_command(cfg: DictConfig, run_dir: Path) -> list[str]:
     """The ``accelerate launch`` argv for ``cfg.hardware`` (``hardware.num_processes`` is per machine).
@@ -84,11 +87,12 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
 
 
 def worker_env(cfg: DictConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """The workers' environment: ``environ`` without a stale ``WORLD_SIZE``, unbuffered output, and
-    ``DS_ACCELERATOR=cpu`` for DeepSpeed on the CPU (DeepSpeed would pick CUDA on a machine that has it)."""
+    """The workers' environment: ``environ`` without a stale ``WORLD_SIZE``, unbuffered output, and for
+    DeepSpeed on the CPU ``DS_ACCELERATOR=cpu`` with no visible GPU (on a machine that has one, DeepSpeed and
+    Accelerate would otherwise pick CUDA)."""
     env = dict(environ)
     env.pop("WORLD_SIZE", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if cfg.hardware.get("deepspeed") and cfg.hardware.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
+        env |= CPU_DEEPSPEED_ENV
     return env

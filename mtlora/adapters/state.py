@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +41,28 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in _adapter_tensors(model).items()}
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the adapter parameters (and adapter buffers) of ``model``; the key sets must be
-    equal."""
+def check_adapter_fits(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raise a :class:`ConfigError` unless ``shapes`` (name -> shape of saved adapter tensors) has exactly the
+    adapter tensors of ``model`` with their shapes (a ZeRO-3 partition by its full ``ds_shape``)."""
     params = _adapter_tensors(model)
-    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    missing, unexpected = set(params) - set(shapes), set(shapes) - set(params)
     if missing or unexpected:
         raise ConfigError(
             f"adapter weights do not fit this model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]} (was it trained with another adapter/model config?)"
         )
+    for n, p in params.items():
+        have = tuple(getattr(p, "ds_shape", p.shape))
+        if have != tuple(shapes[n]):
+            raise ConfigError(f"adapter weight {n}: shape {tuple(shapes[n])} != model {have}")
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the adapter parameters (and adapter buffers) of ``model``; the key sets and
+    shapes must be equal (:func:`check_adapter_fits`)."""
+    check_adapter_fits(model, {k: v.shape for k, v in state.items()})
     with torch.no_grad():
-        for n, p in params.items():
-            if p.shape != state[n].shape:
-                raise ConfigError(
-                    f"adapter weight {n}: shape {tuple(state[n].shape)} != model {tuple(p.shape)}"
-                )
+        for n, p in _adapter_tensors(model).items():
             p.copy_(state[n].to(p.dtype))
 
 

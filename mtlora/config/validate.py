@@ -180,7 +180,8 @@ def _check_generation_suites(c: _Checker, suites) -> None:
 
 
 def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
-    """Multi-node and DeepSpeed keys of the hardware group (conf/hardware/gpu*_zero*.yaml, multinode.yaml)."""
+    """Multi-node and DeepSpeed keys of the hardware group (conf/hardware/gpu*_zero*.yaml, cpu2_zero*.yaml,
+    multinode.yaml)."""
     hw = cfg.hardware
     machines = hw.get("num_machines") or 1
     if hw.get("num_machines") is not None:
@@ -204,8 +205,6 @@ def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
     c.int_("hardware.deepspeed.bucket_size", 1, optional=True)
     if ds.get("param_persistence_threshold") is not None:
         c.int_("hardware.deepspeed.param_persistence_threshold", 0)
-    if ds.get("param_persistence_threshold") is not None and ds.get("stage") != 3:
-        c.errors.append("hardware.deepspeed.param_persistence_threshold: needs stage 3")
     if ds.get("offload_param") and ds.get("stage") != 3:
         c.errors.append("hardware.deepspeed.offload_param: needs stage 3 (ZeRO-2 partitions no parameters)")
     if hw.get("launcher") != "accelerate":

@@ -13,9 +13,11 @@
 Accelerate's ``save_state`` pickles the optimizer and RNG states, which is why it is not used here.
 Under DeepSpeed ZeRO the optimizer state is partitioned over the ranks (and, under ZeRO-3, so are the fp32
 adapter weights): there ``deepspeed/`` holds DeepSpeed's own checkpoint of the trainable state
-(``engine.save_checkpoint``, every rank writes its partition; DeepSpeed's files are ``torch.save`` files,
-read back only from the run's own checkpoint), instead of the ``optimizer.*`` files. The adapter is still
-written whole as ``adapter_model.safetensors``.
+(``engine.save_checkpoint``, every rank writes its partition), instead of the ``optimizer.*`` files. The
+adapter is still written whole as ``adapter_model.safetensors``, and its names and shapes are checked
+against the model before DeepSpeed loads its (unnamed, flat) partitions. DeepSpeed's files are pickles
+(``torch.save``; DeepSpeed loads them with ``torch.load(weights_only=False)``): resume a ZeRO run only from
+checkpoints you trust, such as your own runs'.
 A checkpoint is written to ``step_N.tmp`` and renamed when complete, so a killed run never leaves a
 half-written ``step_N``.
 """
@@ -35,7 +37,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtlora.adapters.state import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_state_dict
+from mtlora.adapters.state import (
+    ADAPTER_WEIGHTS,
+    adapter_state_dict,
+    check_adapter_fits,
+    load_adapter_state_dict,
+)
 
 TRAINER_STATE = "trainer_state.json"
 #: the ``tag`` (sub-directory) of DeepSpeed's checkpoint inside ``step_N/`` (ZeRO runs)
@@ -153,6 +160,8 @@ def load_checkpoint(
                 f"{ckpt_dir}: no {DEEPSPEED_TAG}/ checkpoint (saved without DeepSpeed); resume it with the "
                 "hardware preset it was trained with"
             )
+        # DeepSpeed restores flat partitions without names: check that the saved adapter fits this model first
+        check_adapter_fits(model, {k: v.shape for k, v in load_file(str(ckpt_dir / ADAPTER_WEIGHTS)).items()})
         path, _ = engine.load_checkpoint(
             str(ckpt_dir),
             tag=DEEPSPEED_TAG,

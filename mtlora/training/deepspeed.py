@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtlora.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIG = "deepspeed_config.json"
@@ -64,7 +66,7 @@ def deepspeed_config(hw_cfg: DictConfig, train_cfg: DictConfig) -> dict[str, Any
         zero["allgather_bucket_size"] = bucket
     if stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
-        threshold = ds.get("param_persistence_threshold")
+        threshold = ds.get("param_persistence_threshold")  # ignored at stage 2 (no partitioned parameters)
         zero["stage3_param_persistence_threshold"] = 100_000 if threshold is None else int(threshold)
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if ds.get("offload_optimizer"):
@@ -120,6 +122,11 @@ def accelerator_kwargs(cfg: DictConfig) -> dict[str, Any]:
     on_cpu = cfg.hardware.device == "cpu"
     if plugin is None or not on_cpu:
         return {"cpu": on_cpu, "deepspeed_plugin": plugin}
+    if torch.cuda.is_available():  # Accelerate would place the batches on the GPU, DeepSpeed the model not
+        raise ConfigError(
+            "hardware.device=cpu with hardware.deepspeed on a machine with a GPU: launch the workers with "
+            "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= (`python -m mtlora.train` does)"
+        )
     from accelerate.utils import InitProcessGroupKwargs
 
     return {
@@ -147,7 +154,11 @@ def model_build_context(acc, model_cfg: DictConfig):
     (``deepspeed.zero.Init``): right for a pretrained model (each rank holds its shard only), but a
     ``model.init=random`` model would draw other weights than on every other hardware setup (zero.Init
     initialises module by module on gathered parameters). A random-init model is therefore built whole and
-    partitioned by ``prepare``, so that ``model.init_seed`` gives the same weights everywhere."""
+    partitioned by ``prepare``, so that ``model.init_seed`` gives the same weights everywhere (and
+    :func:`mtlora.load_run` rebuilds them). The cost: each rank holds the whole model in fp32 while it is
+    built, e.g. 8 ranks x 28 GiB of host memory for a random 7B shape. (Accelerate's
+    ``zero3_init_context_manager(enable=False)`` would be the API, but it re-registers the config with
+    transformers, which then still uses zero.Init.)"""
     plugin = acc.state.deepspeed_plugin if zero_stage(acc) == 3 else None
     hf_config = getattr(plugin, "dschf", None)
     if hf_config is None or model_cfg.init != "random":

@@ -11,6 +11,7 @@ import torch
 from transformers import get_scheduler
 
 from mtlora.adapters import adapter_state_dict, inject_adapters
+from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from mtlora.training.checkpoint import (
     TRAINER_STATE,
@@ -226,6 +227,12 @@ def test_deepspeed_checkpoint_holds_the_engine_state_and_is_refused_without_it(c
     assert engine.calls[-1][:2] == ("load", "deepspeed") and engine.calls[-1][2]["load_optimizer_states"]
     with pytest.raises(FileNotFoundError, match="DeepSpeed hardware preset"):
         load_checkpoint(ds_ckpt, model, opt, sched, rank=0)
+    # DeepSpeed restores unnamed flat partitions: an adapter that does not fit is refused before it loads
+    calls = len(engine.calls)
+    other, opt_o, sched_o = setup(compose_train(["debug=smoke", "adapter.rank=4"]))
+    with pytest.raises(ConfigError, match="shape"):
+        load_checkpoint(ds_ckpt, other, opt_o, sched_o, rank=0, engine=engine)
+    assert len(engine.calls) == calls
     plain = tmp_path / "plain" / "step_1"
     save_checkpoint(plain, model, opt, sched, {"step": 1}, rank=0, is_main=True)
     with pytest.raises(FileNotFoundError, match="saved without DeepSpeed"):

@@ -83,6 +83,13 @@ def test_cpu_zero3_partitions_every_parameter():
     z = deepspeed_config(_hw("cpu2_zero3"), TRAIN)["zero_optimization"]
     assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0
     assert deepspeed_config(_hw("cpu2_zero2"), TRAIN)["train_batch_size"] == 4 * 2 * 2
+    # a ZeRO-3 preset switched to stage 2 keeps validating; the threshold has no meaning there
+    cfg = compose_train(["hardware=gpu8_zero3", "hardware.deepspeed.stage=2"])
+    validate_config(cfg)
+    assert (
+        "stage3_param_persistence_threshold"
+        not in deepspeed_config(cfg.hardware, cfg.train)["zero_optimization"]
+    )
 
 
 def test_accelerator_kwargs_keep_deepspeed_on_the_cpu():
@@ -94,6 +101,13 @@ def test_accelerator_kwargs_keep_deepspeed_on_the_cpu():
     assert accelerator_kwargs(compose_train(["hardware=cpu_ddp2"])) == {"cpu": True, "deepspeed_plugin": None}
     gpu = accelerator_kwargs(compose_train(["hardware=gpu1_zero2"]))
     assert gpu["cpu"] is False and gpu["deepspeed_plugin"].zero_stage == 2 and "kwargs_handlers" not in gpu
+
+
+def test_cpu_deepspeed_with_a_visible_gpu_is_refused(monkeypatch):
+    """Workers launched by hand on a GPU machine without the CPU environment (mtlora.launch sets it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="):
+        accelerator_kwargs(compose_train(["hardware=cpu2_zero2"]))
 
 
 def test_zero3_offload_and_fp32_without_clipping():
@@ -151,7 +165,6 @@ def test_written_config_matches(tmp_path):
         (["hardware=gpu1_zero2", "hardware.deepspeed.stage=1"], "hardware.deepspeed.stage"),
         (["hardware=gpu1_zero2", "hardware.deepspeed.offload_param=true"], "needs stage 3"),
         (["hardware=gpu1_zero2", "hardware.launcher=none"], "needs hardware.launcher=accelerate"),
-        (["hardware=gpu1_zero2", "+hardware.deepspeed.param_persistence_threshold=0"], "needs stage 3"),
         (["hardware=cpu2_zero3", "hardware.deepspeed.param_persistence_threshold=-1"], "integer >= 0"),
         (["hardware=gpu1_zero3", "++train.loss.impl=chunked"], "must be 'full' under ZeRO-3"),
         (["hardware=multinode", "hardware.num_machines=2", "hardware.machine_rank=2"], "machine_rank=2"),

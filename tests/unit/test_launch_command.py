@@ -62,7 +62,12 @@ def test_cpu2_zero3_uses_deepspeed_on_the_cpu_accelerator():
         "--use_deepspeed", "--num_cpu_threads_per_process", "1",
     ]  # fmt: skip
     env = worker_env(cfg, {"WORLD_SIZE": "8", "PATH": "/bin"})
-    assert env == {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    assert env == {
+        "PATH": "/bin",
+        "PYTHONUNBUFFERED": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
 
 
 def test_worker_env_leaves_the_accelerator_to_deepspeed_on_gpus():
