@@ -35,6 +35,7 @@ Usage (the H100 commands are recorded in docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import shlex
@@ -47,13 +48,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 sys.path.insert(0, str(REPO))
 
 from mtlora.adapters import inject_adapters  # noqa: E402
-from mtlora.models.loading import build_model  # noqa: E402
+from mtlora.models.loading import arch_config, build_model, torch_dtype  # noqa: E402
 from mtlora.training.alignment import AlignmentTerm  # noqa: E402
 from mtlora.training.compile import compile_decoder_layers  # noqa: E402
 
@@ -114,12 +116,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_BASE: dict[tuple, torch.nn.Module] = {}
+
+
+def base_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """A copy of the random-init base model, built once per script run and kept on the CPU. On CUDA it is
+    initialised on the GPU in the model's dtype (a 7B shape in seconds, where the CPU's fp32 init takes
+    minutes per method), then moved to the CPU; its weights then differ from ``build_model``'s, which a
+    throughput measurement does not see."""
+    mcfg = model_config(args)
+    key = (args.model, args.layers, args.dtype, args.seed, device.type)
+    if key not in _BASE:
+        torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(
+                    arch_config(mcfg),
+                    attn_implementation=mcfg.attn_implementation,
+                    dtype=torch_dtype(mcfg.dtype),
+                )
+            _BASE[key] = model.to("cpu")
+            torch.cuda.empty_cache()
+        else:
+            _BASE[key] = build_model(mcfg)
+    return copy.deepcopy(_BASE[key])
+
+
 def build(method: str, args: argparse.Namespace, device: torch.device):
     """(model, adapter context or None, alignment term or None, config description)."""
-    mcfg = model_config(args)
     acfg = adapter_config(method, args)
-    torch.manual_seed(args.seed)
-    model = build_model(mcfg)
+    model = base_model(args, device)
+    torch.manual_seed(args.seed)  # the adapter's init
     ctx, align = None, None
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
