@@ -81,6 +81,7 @@ def _cli(d: Path, overrides: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_runs(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("deepspeed")  # before the two plain runs, which only the DeepSpeed tests compare with
     root = tmp_path_factory.mktemp("plain")
     return {prec: _cli(root / prec, [*DS_RUN, f"train.precision={prec}"]) for prec in ("fp32", "bf16")}
 
