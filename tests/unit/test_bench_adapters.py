@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from mtlora.adapters.registry import ADAPTER_METHODS
-from tests.helpers.compose import REPO
-
-SCRIPT = REPO / "scripts" / "bench_adapters.py"
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_adapters")
 
 
 def test_tiny_run_has_a_row_per_method(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

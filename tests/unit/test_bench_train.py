@@ -3,24 +3,18 @@ method starts from the same base weights (the base is built once per run and cop
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.compose import REPO
-
-SCRIPT = REPO / "scripts" / "bench_train.py"
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_train")
 
 
 def test_tiny_run_has_a_row_per_method(bench, tmp_path: Path) -> None:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def xc():
-    spec = importlib.util.spec_from_file_location("crosscheck_lmeval", SCRIPTS / "crosscheck_lmeval.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["crosscheck_lmeval"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("crosscheck_lmeval")
 
 
 def _rec(prompt="Q: x\nA:", gen=" True", ext=" True", correct=False):

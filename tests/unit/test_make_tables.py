@@ -4,7 +4,6 @@ paper-numbers file, and the plots."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from mtlora.report import plots, tables
+from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -293,9 +293,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
 def test_script_main_writes_the_reports(runs_root: Path, tmp_path: Path) -> None:
     numbers = tmp_path / "numbers.yaml"
     numbers.write_text(yaml.safe_dump(NUMBERS, allow_unicode=True, sort_keys=False))
-    spec = importlib.util.spec_from_file_location("make_tables", REPO / "scripts" / "make_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_tables")
     out = tmp_path / "report"
     argv = [
         "--runs",
@@ -343,9 +341,7 @@ def test_base_row_is_filled_from_a_base_model_evaluation_run_dir(tmp_path: Path)
 
 
 def test_sweep_summaries_plot_lambda_and_heads(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_tables", REPO / "scripts" / "make_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_tables")
     f = "eval_heldin.json"
     for i, (heads, weight) in enumerate([(1, 0.01), (3, 0.1), (10, 0.5)]):
         d = fake_run(tmp_path / "runs", f"j{i}", "hydralora", 0, table="sweep", weight=weight, files={f: {}})
