@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# Tiny tensors gain nothing from intra-op threads, and on a 2-core machine torch's threads oversubscribe
+# the cores: one thread here and in every subprocess test (which inherits this environment).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from tests.helpers.compose import DATA_DIR, compose_train
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers.compose import DATA_DIR, compose_train  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 os.environ.setdefault("MTLORA_DATA_DIR", str(DATA_DIR))
 os.environ.setdefault("WANDB_SILENT", "true")
