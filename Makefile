@@ -13,8 +13,11 @@ ARGS ?=
 .DEFAULT_GOAL := help
 .PHONY: help install train smoke test test-full test-gpu lint format clean sync-wandb lorahub tables sweep-ranks
 
+# Targets with a `## ` comment, pattern targets (table-%) included; colour only on a terminal.
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@if [ -t 1 ]; then c='\033[36m'; r='\033[0m'; else c=; r=; fi; \
+	grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
+	awk -F':.*?## ' -v c="$$c" -v r="$$r" '{t=$$1; sub(/%$$/, "<paper>-<table>", t); printf "  %s%-22s%s %s\n", c, t, r, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_SPEC)
