@@ -1,7 +1,7 @@
 """Training throughput (tokens/s), MFU and peak memory of whole random-init models, per adapter method.
 
-Measures what ``/work/shared/docs/performance.md`` measured for its peft anchor, with the same method, and
-puts our adapters beside peft's LoRA in the same process on the same batch:
+Measures the reference throughput of peft's LoRA (the anchor figures in ``docs/benchmarks.md``) with the
+same method, and puts our adapters beside peft's LoRA in the same process on the same batch:
 
 * model: ``conf/model/<--model>.yaml`` built with ``init=random`` (``mtlora.models.build_model``; the real
   Qwen2.5 shapes for ``qwen2.5-0.5b|1.5b|7b``), weights in ``--dtype`` (bf16 on CUDA, as the anchor: bf16

@@ -1,7 +1,7 @@
 """BIG-Bench Hard: prompt building, answer extraction and scoring under each reference paper's protocol.
 
-Every paper in this family scores BBH with a *different* harness (see ``shared/docs/data.md`` §2.1 and
-``shared/docs/ecosystem.md`` §6), and the numbers are not comparable across harnesses. This module
+Every paper in this family scores BBH with a *different* harness (see ``docs/data.md`` §2.1), and the
+numbers are not comparable across harnesses. This module
 reproduces each one as a named preset in :data:`PROTOCOLS`:
 
 ``lmeval_cot_fewshot``  lm-eval ``bbh_cot_fewshot``: description + 3 CoT exemplars, regex
@@ -15,9 +15,11 @@ reproduces each one as a named preset in :data:`PROTOCOLS`:
 ``opencompass_cot``     OpenCompass ``bbh_gen`` (HydraLoRA): CoT prompt, ``answer is`` extraction.
 
 The data (``<data_dir>/bbh/<task>.json``, ``cot-prompts/`` and ``direct-prompts/``) is evaluation data: it is
-only ever read at run time from ``data_dir`` (default ``$MTLORA_DATA_DIR``, else ``/work/shared/data``), never
-at import; ``data_dir="hub"`` takes the task examples from the hub dataset ``lukaemon/bbh`` instead (the
-prompt files, which it lacks, still come from ``$MTLORA_DATA_DIR``). Readings the docs mark as unverified are implemented as documented and flagged ``UNVERIFIED``.
+only ever read at run time from ``data_dir`` (default: :func:`mtlora.utils.paths.default_data_dir`, i.e.
+``$MTLORA_DATA_DIR``, else the ``shared/data`` folder beside the repository, as ``paths.data_dir``), never at
+import; ``data_dir="hub"`` takes the task examples from the hub dataset ``lukaemon/bbh`` instead (the
+prompt files, which it lacks, still come from the data folder). Readings ``docs/data.md`` marks as unverified
+are implemented as documented and flagged ``UNVERIFIED``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtlora.errors import ConfigError, DataError
+from mtlora.utils.paths import default_data_dir
 
 HUB_ID = "lukaemon/bbh"
-DEFAULT_DATA_DIR = "/work/shared/data"
 N_SHOTS = 3
 
 # --------------------------------------------------------------------------------------------------------
-# Answer type per task, hard-coded from data.md §2.1 (checked against the real files in the unit tests).
+# Answer type per task, hard-coded from docs/data.md §2.1 (checked against the real files in the unit tests).
 #   multiple_choice: "(A)".."(R)"; binary: True/False, Yes/No, yes/no, valid/invalid; number: integers;
 #   free_text: dyck_languages, word_sorting.
 # Known data quirk: a few movie_recommendation / ruin_names targets are not "(X)" in the BBH release.
@@ -141,8 +143,8 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "lmeval_fewshot": Protocol(
         name="lmeval_fewshot",
-        # ecosystem.md §6: no whitespace stripping, so a BPE leading space (" False") fails; raw continuation,
-        # strict exact match. Prompt checked against the installed lm-eval (all 6,511 examples identical).
+        # docs/data.md §2.1 (lm-eval): no whitespace stripping, so a BPE leading space (" False") fails; raw
+        # continuation, strict exact match. Prompt checked against the installed lm-eval (all 6,511 examples identical).
         prompt=PromptSpec(demos="lmeval_direct", include_description=True),
         decode=DecodeSpec(max_new_tokens=256, stop=("</s>", "Q", "\n\n")),
         extraction="raw",
@@ -370,7 +372,7 @@ def bbh_dir(data_dir: str | os.PathLike | None = None) -> Path:
     hub = data_dir == HUB
     if hub:
         data_dir = None
-    root = Path(data_dir if data_dir is not None else os.environ.get("MTLORA_DATA_DIR", DEFAULT_DATA_DIR))
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
     if (root / "bbh").is_dir():
         return root / "bbh"
     if (root / "boolean_expressions.json").is_file() or (root / "cot-prompts").is_dir():

@@ -1,6 +1,6 @@
 """The optional ``mmlu`` evaluation suite: MMLU 5-shot under mtLoRA's protocol (Dolly-15k -> MMLU).
 
-Protocol (mtLoRA ``eval_mmlu.py``, ``shared/docs/data.md`` §1.2): for each of the 57 subjects, the first
+Protocol (mtLoRA ``eval_mmlu.py``, ``docs/data.md`` §1.2): for each of the 57 subjects, the first
 ``shots`` rows of the subject's dev split as demonstrations, no subject header::
 
     Question: {question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer: {X}\\n\\n     (x shots)
@@ -38,11 +38,11 @@ import torch
 from omegaconf import DictConfig
 
 from mtlora.errors import ConfigError, DataError
-from mtlora.eval.bbh import DEFAULT_DATA_DIR
 from mtlora.eval.bbh_suite import resolve_task_id
 from mtlora.eval.generate import greedy_generate
 from mtlora.eval.heldin_gen import _summary, resolve_settings
 from mtlora.eval.outputs import write_suite_outputs
+from mtlora.utils.paths import default_data_dir
 
 SUITE = "mmlu"
 HUB_ID = "cais/mmlu"
@@ -142,7 +142,7 @@ def mmlu_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The local MMLU directory (checked), or None for ``data_dir == "hub"``."""
     if data_dir == "hub":
         return None
-    root = Path(data_dir) if data_dir else Path(os.environ.get(ENV, DEFAULT_DATA_DIR)) / "mmlu"
+    root = Path(data_dir) if data_dir else default_data_dir() / "mmlu"
     if not (root / "dev").is_dir() or not (root / "test").is_dir():
         raise _missing(root)
     return root

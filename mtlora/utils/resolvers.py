@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mtlora.utils.dist import env_rank
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from mtlora.utils.paths import REPO_ROOT
 
 
 def _rank_subdir(name: str = ".hydra") -> str:

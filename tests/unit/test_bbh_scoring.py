@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from mtlora.errors import ConfigError, DataError
 from mtlora.eval import bbh
 from mtlora.eval.bbh import PROTOCOLS, aggregate, build_prompt, extract, load_task, score
+from mtlora.utils.paths import default_data_dir
 
 CANARY = "CANARY LINE (made up for tests)"
 TASK = "boolean_expressions"  # binary
@@ -308,7 +308,7 @@ def test_hub_failure_names_the_hub_id_task_and_the_local_way(monkeypatch):
 
 
 # ------------------------------------------------------------------ answer types vs real data
-REAL_BBH = Path(os.environ.get("MTLORA_DATA_DIR", bbh.DEFAULT_DATA_DIR)) / "bbh"
+REAL_BBH = default_data_dir() / "bbh"
 # BBH release quirks: a few non-"(X)" targets in these two multiple-choice tasks.
 _MCQ_QUIRKS = {"movie_recommendation", "ruin_names"}
 
