@@ -135,7 +135,7 @@ PROTOCOLS: dict[str, Protocol] = {
         decode=DecodeSpec(max_new_tokens=1024, stop=("</s>", "Q", "\n\n")),
         extraction="lmeval_cot_regex",
         matching="regex (?<=the answer is )(.*)(?=.) -> first match -> strip() (fallback '[invalid]'); "
-        "exact match, case- and punctuation-sensitive",
+        "exact match, case- and punctuation-sensitive, trailing NULs ignored",
         aggregate="micro (weight_by_size: true)",
         source="lm-eval bbh_cot_fewshot",
     ),
@@ -146,7 +146,7 @@ PROTOCOLS: dict[str, Protocol] = {
         prompt=PromptSpec(demos="lmeval_direct", include_description=True),
         decode=DecodeSpec(max_new_tokens=256, stop=("</s>", "Q", "\n\n")),
         extraction="raw",
-        matching="raw continuation (cut at stop strings) == target, strict",
+        matching="raw continuation (cut at stop strings) == target, strict, trailing NULs ignored",
         aggregate="micro (weight_by_size: true)",
         source="lm-eval bbh_fewshot",
     ),
@@ -330,12 +330,20 @@ def extract(protocol: str | Protocol, task: str, generation: str) -> str:
     raise ConfigError(f"protocol {p.name!r} has unknown extraction {p.extraction!r}")
 
 
+def lmeval_exact_match(prediction: str, reference: str) -> bool:
+    """lm-eval's ``exact_match`` on one pair (no ignore options, as its BBH tasks use it).
+
+    It compares ``np.asarray([prediction]) == np.asarray([reference])``; NumPy's fixed-width unicode
+    strings drop trailing NUL characters, so ``"(A)\\0"`` equals ``"(A)"``. Leading and inner NULs count."""
+    return prediction.rstrip("\0") == reference.rstrip("\0")
+
+
 def score(protocol: str | Protocol, task: str, generation: str, target: str) -> bool:
     """Whether ``generation`` counts as correct for ``target`` under ``protocol``."""
     p = get_protocol(protocol)
     pred = extract(p, task, generation)
     if p.extraction in ("lmeval_cot_regex", "raw"):
-        return pred == target
+        return lmeval_exact_match(pred, target)
     if p.extraction == "mtlora_lenient":
         return target.lower() in pred.lower() or pred.startswith(target)
     if p.extraction == "align_lora":
