@@ -57,6 +57,9 @@ def test_presets_are_frozen_and_complete():
         p.name = "x"  # type: ignore[misc]
     assert p.decode.stop == ("</s>", "Q", "\n\n") and p.decode.max_new_tokens == 1024
     assert PROTOCOLS["lmeval_fewshot"].decode.stop == ("</s>", "Q", "\n\n")
+    for name in ("lmeval_cot_fewshot", "lmeval_fewshot"):  # lm-eval's HFLM: last (L - max_gen_toks) ids
+        d = PROTOCOLS[name].decode
+        assert (d.max_input_tokens, d.truncation_side, d.truncate_special_tokens) == ("model", "left", True)
     assert PROTOCOLS["mtlora_direct"].decode.max_new_tokens == 32
     assert PROTOCOLS["align_lora"].decode.max_new_tokens == 256
     assert PROTOCOLS["opencompass_cot"].decode == bbh.DecodeSpec(max_new_tokens=512, stop=("Q:",))
