@@ -25,7 +25,10 @@ and loads with::
 
 For ``model.init=pretrained`` runs ``base_model_name_or_path`` is the hub id (``revision`` set when the run
 pinned one). ``format=merged`` writes ``W0 + s·BA`` into each adapted ``nn.Linear`` and saves a plain
-model: ``AutoModelForCausalLM.from_pretrained("DIR")``.
+model: ``AutoModelForCausalLM.from_pretrained("DIR")``. Every saved model (merged, and peft's
+``base_model/``) carries the tokenizer's BOS / EOS / pad ids in ``config.json`` and
+``generation_config.json`` where the model's config had none (:func:`set_special_token_ids`), so plain
+``generate`` stops at EOS.
 
 ``format=peft`` takes plain LoRA (``adapter.method=lora`` and the LoRA-based ``align_*``, ``meta_lora``,
 ``lorahub``) as is, DoRA as peft's ``use_dora=True`` (``A``, ``B``, magnitude ``m``; the same forward), and
@@ -66,7 +69,7 @@ from mtlora.errors import ConfigError
 from mtlora.load import RunLoadError, check_run_dir, load_run, run_task_names
 from mtlora.run.rundir import load_resolved_config
 
-__all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main"]
+__all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main", "set_special_token_ids"]
 
 FORMATS = ("peft", "merged")
 #: the layer classes ``format=peft`` writes (module doc)
@@ -161,6 +164,26 @@ def _strip_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def set_special_token_ids(model: nn.Module, tokenizer) -> dict[str, int | list[int] | None]:
+    """Give ``model.config`` and ``model.generation_config`` the tokenizer's BOS / EOS / pad ids where they
+    have none, so that ``generate`` on the saved model stops at EOS and pads finished rows with the
+    tokenizer's pad id. Ids a config already carries are kept (a pretrained model's own, e.g. several EOS
+    ids in its generation config). Returns the ids the generation config ends up with."""
+    gen = getattr(model, "generation_config", None)
+    for key in SPECIAL_IDS:
+        value = getattr(tokenizer, key, None)
+        if value is None:
+            continue
+        for cfg in (model.config, gen):
+            if cfg is not None and getattr(cfg, key, None) is None:
+                setattr(cfg, key, int(value))
+    source = gen if gen is not None else model.config
+    return {key: getattr(source, key, None) for key in SPECIAL_IDS}
+
+
 def _peft_target_modules(base: nn.Module, adapted: list[str]) -> list[str]:
     """The distinct last name parts of the adapted modules when they select exactly those modules (peft's
     list matching), else the full module names."""
@@ -235,6 +258,7 @@ def export_peft(
     else:  # config-built: ship the exact base weights next to the adapter
         base_dir = out / "base_model"
         base_dir.mkdir(parents=True, exist_ok=True)
+        set_special_token_ids(base, tokenizer)
         base.save_pretrained(str(base_dir))
         tokenizer.save_pretrained(str(base_dir))
         base_ref, revision = str(base_dir.resolve()), None
@@ -303,6 +327,7 @@ def export_merged(
     except (TypeError, ValueError) as e:
         raise ExportError(f"run dir {run_dir}: {e}") from e
     merged = _strip_adapters(model)
+    set_special_token_ids(merged, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

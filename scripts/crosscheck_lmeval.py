@@ -10,7 +10,8 @@ Needs ``pip install 'mtlora[crosscheck]'`` (lm-eval). Runs fully offline. Steps:
 
 1. **HF model dir** for the run (``DIR/hf_model``): the merged export (:func:`mtlora.export.export_merged`)
    for a mergeable adapter; for ``adapter.method=none`` the run's ``base_model/`` when it holds the weights
-   (else the rebuilt base model is saved). The tokenizer is the run's ``base_model/tokenizer`` (our byte
+   and an EOS id (else the rebuilt base model is saved with the tokenizer's special ids,
+   :func:`mtlora.export.set_special_token_ids`, so that lm-eval's ``generate`` stops at EOS). The tokenizer is the run's ``base_model/tokenizer`` (our byte
    tokenizer is saved as a ``PreTrainedTokenizerFast`` ``tokenizer.json``, which ``AutoTokenizer`` loads).
    ``--model-dir`` skips this and uses an HF model dir as is (``--tokenizer`` when it has no tokenizer).
 2. **Local lm-eval task directory** (``DIR/lmeval_tasks``): one YAML per task that ``include``s the installed
@@ -18,9 +19,11 @@ Needs ``pip install 'mtlora[crosscheck]'`` (lm-eval). Runs fully offline. Steps:
    exemplars, description, ``until`` stop strings, ``max_gen_toks``, filters and metric are lm-eval's) and only
    replaces the dataset: ``dataset_path: json`` with ``data_files`` = ``$MTLORA_DATA_DIR/bbh/<task>.json``,
    ``field: examples``. Nothing is vendored into the repo.
-3. ``lm_eval.simple_evaluate(model="hf", ..., include_path=..., log_samples=True, limit=N)``, greedy. ``max_length``
-   is set large in ``model_args`` so that lm-eval does not left-truncate the few-shot prompts to the model's
-   ``max_position_embeddings`` (512 for the tiny model).
+3. ``lm_eval.simple_evaluate(model="hf", ..., include_path=..., log_samples=True, limit=N)``, greedy. Both
+   sides cut prompts to ``max_length - max_gen_toks`` ids: lm-eval reads ``max_length`` from the model config
+   (``max_position_embeddings``, 512 for the tiny model) and our lm-eval presets read it the same way;
+   ``--max-length N`` sets lm-eval's ``max_length`` model argument and our ``eval.bbh.model_max_length``
+   alike. With the defaults ``bbh_cot_fewshot`` (1024 new tokens) is refused by both on a 512-position model.
 4. Our ``run_bbh`` with the matching protocol on the same weights (``--ours-model hf``: the same HF dir; ``run``:
    :func:`mtlora.load.load_run`, adapters unmerged).
 5. Per example: prompt text identical, raw generation identical (both cut at the stop strings), extracted
@@ -186,18 +189,27 @@ def hf_model_dir(run_dir: Path, out: Path) -> tuple[Path, Path]:
     tok_dir = run_dir / "base_model" / "tokenizer"
     if method == "none":
         base = run_dir / "base_model"
-        if (base / "config.json").exists() and (base / "model.safetensors").exists():
+        if (base / "model.safetensors").exists() and _has_eos_id(base / "config.json"):
             return base, tok_dir
+        from transformers import AutoTokenizer
+
+        from mtlora.export import set_special_token_ids
         from mtlora.load import load_base_model
 
         dest = out / "hf_model"
-        load_base_model(run_dir, cfg).save_pretrained(str(dest))
+        model = load_base_model(run_dir, cfg)
+        set_special_token_ids(model, AutoTokenizer.from_pretrained(str(tok_dir)))
+        model.save_pretrained(str(dest))
         return dest, tok_dir
     from mtlora.export import export_merged
 
     dest = out / "hf_model"
     export_merged(run_dir, dest, overwrite=True)
     return dest, dest
+
+
+def _has_eos_id(config_json: Path) -> bool:
+    return config_json.is_file() and json.loads(config_json.read_text()).get("eos_token_id") is not None
 
 
 def lmeval_bbh_dir(variant: str) -> Path:
@@ -243,10 +255,9 @@ def run_lmeval(model_dir: Path, tok_dir: Path, task_dir: Path, names: dict[str, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    model_args = (
-        f"pretrained={model_dir},tokenizer={tok_dir},dtype={args.dtype},device={args.device},"
-        f"max_length={args.max_length}"
-    )
+    model_args = f"pretrained={model_dir},tokenizer={tok_dir},dtype={args.dtype},device={args.device}"
+    if args.max_length is not None:
+        model_args += f",max_length={args.max_length}"
     tm = TaskManager(include_path=str(task_dir))
     t0 = time.perf_counter()
     res = lm_eval.simple_evaluate(
@@ -343,6 +354,7 @@ def run_ours(model_dir: Path, tok_dir: Path, tasks: list[str], args, out: Path) 
         "limit": args.limit,
         "data_dir": str(args.data_root),
         "batch_tokens": args.batch_tokens,
+        "model_max_length": args.max_length,  # None: read from the model config, as lm-eval does
     }
     t0 = time.perf_counter()
     result = run_bbh(model, tok, cfg, out, progress=False)
@@ -374,7 +386,13 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", default=None, help="dir holding bbh/ (default $MTLORA_DATA_DIR)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--max-length", type=int, default=1 << 16, help="lm-eval max_length (no truncation)")
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="context length for prompt truncation on both sides: lm-eval's max_length model argument and our "
+        "eval.bbh.model_max_length (default: read from the model config, as both do)",
+    )
     ap.add_argument("--lmeval-batch-size", default="1")
     ap.add_argument(
         "--prompts-only",

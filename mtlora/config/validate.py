@@ -101,6 +101,7 @@ class _Checker:
 def _check_bbh(c: _Checker) -> None:
     from mtlora.eval.bbh import PROTOCOLS, TASKS, bbh_dir
 
+    n_errors = len(c.errors)
     c.choice("eval.bbh.protocol", tuple(PROTOCOLS))
     c.rule(
         "eval.bbh.tasks",
@@ -112,7 +113,13 @@ def _check_bbh(c: _Checker) -> None:
     c.int_("eval.bbh.batch_tokens", 1)
     c.int_("eval.bbh.max_batch_size", 1, optional=True)
     if c.get("eval.bbh.max_input_tokens") is not _MISSING:  # absent in configs of older runs
-        c.int_("eval.bbh.max_input_tokens", 0, optional=True)
+        c.rule(
+            "eval.bbh.max_input_tokens",
+            lambda v: v == "model" or _int(0, True)(v),
+            "null, 0 (never cut), an integer >= 1 or 'model' (model_max_length - max_new_tokens)",
+        )
+    if c.get("eval.bbh.model_max_length") is not _MISSING:
+        c.int_("eval.bbh.model_max_length", 1, optional=True)
     if c.get("eval.bbh.truncation_side") is not _MISSING:
         c.choice("eval.bbh.truncation_side", (None, "left", "right"))
     c.rule(
@@ -120,6 +127,14 @@ def _check_bbh(c: _Checker) -> None:
         lambda v: v is None or isinstance(v, str) or _int(0)(v),
         "null, a training task id (int >= 0) or a training task name",
     )
+    if len(c.errors) == n_errors:  # prompt room of the "model" truncation, when the length is known now
+        from mtlora.eval.bbh_suite import check_room
+
+        model = c.get("model")
+        try:
+            check_room(c.get("eval.bbh"), None if model is _MISSING else model)
+        except ConfigError as e:
+            c.errors.append(str(e))
     data_dir = c.get("eval.bbh.data_dir") or None
     name = c.get("eval.bbh.protocol")
     protocol = PROTOCOLS.get(name) if isinstance(name, str) else None

@@ -8,6 +8,9 @@ reproduces each one as a named preset in :data:`PROTOCOLS`:
                         ``(?<=the answer is )(.*)(?=.)``, strict exact match.
 ``lmeval_fewshot``      lm-eval ``bbh_fewshot``: description + 3 answer-only exemplars, raw continuation,
                         strict exact match.
+                        Both lm-eval presets keep the last ``L - max_new_tokens`` prompt ids (``L``: the
+                        model's context length, :data:`MODEL_LENGTH`), refuse ``L <= max_new_tokens``, and
+                        ignore trailing NULs in the exact match, as lm-eval's Hugging Face model does.
 ``mtlora_direct``       mtLoRA ``eval_bbh.py``: first 3 task examples as demos (dropped from the eval set),
                         lenient substring match.
 ``align_lora``          Align-LoRA / R-LoRA ``eval_bbh.py``: LoraHub-style 3-shot prompt, text after the last
@@ -101,13 +104,21 @@ class PromptSpec:
     demo_replacements: tuple[tuple[str, str], ...] = ()  # applied to the description + exemplars only
 
 
+#: ``max_input_tokens`` value: the model's context length minus ``max_new_tokens`` (lm-eval's Hugging Face
+#: model: ``max_ctx_len = max_length - max_gen_toks``, refused when <= 0)
+MODEL_LENGTH = "model"
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
     max_new_tokens: int
     stop: tuple[str, ...] = ()  # the continuation is cut at the earliest occurrence of any of these
     greedy: bool = True
-    max_input_tokens: int | None = None  # prompts longer than this are cut (None: never)
+    # prompts longer than this are cut (None: never; MODEL_LENGTH: context length - max_new_tokens)
+    max_input_tokens: int | str | None = None
     truncation_side: str = "left"  # left: keep the end of the prompt; right: keep its start
+    # True: the encoded ids are cut as they are, BOS included (lm-eval); False: only the text is cut
+    truncate_special_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,10 +145,18 @@ PROTOCOLS: dict[str, Protocol] = {
             question="Q: {input}\nA: Let's think step by step.\n",
             demo_replacements=(("A: Let's think step by step. ", "A: Let's think step by step.\n"),),
         ),
-        decode=DecodeSpec(max_new_tokens=1024, stop=("</s>", "Q", "\n\n")),
+        # Prompt cut as lm-eval's HFLM.generate_until does: the encoded ids (BOS included) keep their last
+        # max_length - max_gen_toks tokens, max_length from the model config; refused when that is <= 0.
+        decode=DecodeSpec(
+            max_new_tokens=1024,
+            stop=("</s>", "Q", "\n\n"),
+            max_input_tokens=MODEL_LENGTH,
+            truncation_side="left",
+            truncate_special_tokens=True,
+        ),
         extraction="lmeval_cot_regex",
         matching="regex (?<=the answer is )(.*)(?=.) -> first match -> strip() (fallback '[invalid]'); "
-        "exact match, case- and punctuation-sensitive",
+        "exact match, case- and punctuation-sensitive, trailing NULs ignored",
         aggregate="micro (weight_by_size: true)",
         source="lm-eval bbh_cot_fewshot",
     ),
@@ -146,9 +165,16 @@ PROTOCOLS: dict[str, Protocol] = {
         # docs/data.md §2.1 (lm-eval): no whitespace stripping, so a BPE leading space (" False") fails; raw
         # continuation, strict exact match. Prompt checked against the installed lm-eval (all 6,511 examples identical).
         prompt=PromptSpec(demos="lmeval_direct", include_description=True),
-        decode=DecodeSpec(max_new_tokens=256, stop=("</s>", "Q", "\n\n")),
+        # max_gen_toks: HFLM's default 256 (the task sets none); prompt cut as for lmeval_cot_fewshot.
+        decode=DecodeSpec(
+            max_new_tokens=256,
+            stop=("</s>", "Q", "\n\n"),
+            max_input_tokens=MODEL_LENGTH,
+            truncation_side="left",
+            truncate_special_tokens=True,
+        ),
         extraction="raw",
-        matching="raw continuation (cut at stop strings) == target, strict",
+        matching="raw continuation (cut at stop strings) == target, strict, trailing NULs ignored",
         aggregate="micro (weight_by_size: true)",
         source="lm-eval bbh_fewshot",
     ),
@@ -332,12 +358,20 @@ def extract(protocol: str | Protocol, task: str, generation: str) -> str:
     raise ConfigError(f"protocol {p.name!r} has unknown extraction {p.extraction!r}")
 
 
+def lmeval_exact_match(prediction: str, reference: str) -> bool:
+    """lm-eval's ``exact_match`` on one pair (no ignore options, as its BBH tasks use it).
+
+    It compares ``np.asarray([prediction]) == np.asarray([reference])``; NumPy's fixed-width unicode
+    strings drop trailing NUL characters, so ``"(A)\\0"`` equals ``"(A)"``. Leading and inner NULs count."""
+    return prediction.rstrip("\0") == reference.rstrip("\0")
+
+
 def score(protocol: str | Protocol, task: str, generation: str, target: str) -> bool:
     """Whether ``generation`` counts as correct for ``target`` under ``protocol``."""
     p = get_protocol(protocol)
     pred = extract(p, task, generation)
     if p.extraction in ("lmeval_cot_regex", "raw"):
-        return pred == target
+        return lmeval_exact_match(pred, target)
     if p.extraction == "mtlora_lenient":
         return target.lower() in pred.lower() or pred.startswith(target)
     if p.extraction == "align_lora":

@@ -9,7 +9,12 @@ Config (``eval.bbh``, presets in ``conf/eval/bbh/<protocol>.yaml``)::
     max_new_tokens  null: the protocol's own value
     stop            null: the protocol's own stop strings; a list overrides them
     max_input_tokens  null: the protocol's own input truncation (2048 for mtlora_direct and align_lora,
-                    none for the others); 0: never truncate; N: cut prompts to N tokens
+                    ``model`` for the lm-eval presets, none for opencompass_cot); 0: never truncate; N: cut
+                    prompts to N tokens; ``model``: to ``model_max_length - max_new_tokens`` tokens, refused
+                    (ConfigError) when that is <= 0, as lm-eval does
+    model_max_length  the context length ``model`` truncation uses; null: looked up as lm-eval does
+                    (:func:`mtlora.eval.generate.model_max_length`: model config, tokenizer, 2048); N: N
+                    (lm-eval's ``max_length`` model argument)
     truncation_side null: the protocol's (left keeps the end of a prompt, right its start)
     batch_tokens    token budget per batch: longest prompt x rows <= batch_tokens
     max_batch_size  cap on rows per batch
@@ -41,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlora.errors import ConfigError
 from mtlora.eval import bbh
-from mtlora.eval.generate import greedy_generate, needs_task_ids
+from mtlora.eval.generate import MODEL_LENGTH_ATTRS, greedy_generate, model_max_length, needs_task_ids
 from mtlora.eval.outputs import write_suite_outputs
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ DEFAULTS = {
     "max_new_tokens": None,
     "stop": None,
     "max_input_tokens": None,
+    "model_max_length": None,
     "truncation_side": None,
     "batch_tokens": 16384,
     "max_batch_size": 64,
@@ -83,9 +89,18 @@ def resolve_settings(bbh_cfg: DictConfig | dict | None) -> dict:
     if s["max_new_tokens"] is None:
         s["max_new_tokens"] = p.decode.max_new_tokens
     s["stop"] = list(p.decode.stop) if s["stop"] is None else list(s["stop"])
-    if s["max_input_tokens"] is None:
+    m = s["max_input_tokens"]
+    if m is not None and m != bbh.MODEL_LENGTH and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+        raise ConfigError(
+            f"eval.bbh.max_input_tokens={m!r}: allowed values are null, 0 (never cut), an int N >= 1 or "
+            f"{bbh.MODEL_LENGTH!r} (model_max_length - max_new_tokens)"
+        )
+    n = s["model_max_length"]
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"eval.bbh.model_max_length={n!r}: allowed values are null or an int >= 1")
+    if m is None:
         s["max_input_tokens"] = p.decode.max_input_tokens
-    elif s["max_input_tokens"] == 0:
+    elif m == 0:
         s["max_input_tokens"] = None  # 0: never truncate, whatever the protocol does
     if s["truncation_side"] is None:
         s["truncation_side"] = p.decode.truncation_side
@@ -94,6 +109,50 @@ def resolve_settings(bbh_cfg: DictConfig | dict | None) -> dict:
             f"eval.bbh.truncation_side={s['truncation_side']!r}: allowed values are left, right"
         )
     return s
+
+
+def input_limit(settings: dict, max_length: int | None) -> int | None:
+    """The prompt length (tokens) that ``settings`` cut prompts to; None: never cut.
+
+    ``max_input_tokens == "model"``: ``max_length - max_new_tokens`` (lm-eval's HFLM.generate_until,
+    ``max_ctx_len = max_length - max_gen_toks``), where ``max_length`` is ``eval.bbh.model_max_length`` when
+    set, else the given model length. Raises :class:`ConfigError` when that leaves no room for the prompt."""
+    m = settings["max_input_tokens"]
+    if m != bbh.MODEL_LENGTH:
+        return m
+    n = settings.get("model_max_length") or max_length
+    if n is None:
+        raise ConfigError(
+            "eval.bbh.max_input_tokens=model needs the model's context length: set eval.bbh.model_max_length"
+        )
+    room = int(n) - int(settings["max_new_tokens"])
+    if room <= 0:
+        raise ConfigError(
+            f"eval.bbh: model max length {n} (eval.bbh.model_max_length, else the model config) minus "
+            f"eval.bbh.max_new_tokens={settings['max_new_tokens']} leaves {room} prompt tokens (lm-eval refuses "
+            "this too): lower eval.bbh.max_new_tokens, raise eval.bbh.model_max_length, or set "
+            "eval.bbh.max_input_tokens=0 (never cut)"
+        )
+    return room
+
+
+def check_room(bbh_cfg: DictConfig | dict | None, model_cfg: DictConfig | None) -> None:
+    """Refuse up front (ConfigError, :func:`input_limit`) a ``model`` truncation that leaves no room for the
+    prompt, when the context length is known before the model is built: ``eval.bbh.model_max_length``, or the
+    architecture of a ``model.init=random`` preset. Other cases are checked by :func:`run_bbh`."""
+    s = resolve_settings(bbh_cfg)
+    if s["max_input_tokens"] != bbh.MODEL_LENGTH:
+        return
+    length = s["model_max_length"]
+    if length is None and model_cfg is not None and model_cfg.get("init") == "random":
+        from mtlora.models.loading import arch_config
+
+        config = arch_config(model_cfg)
+        cfg = getattr(config, "text_config", None) or config
+        if any(getattr(cfg, a, None) is not None for a in MODEL_LENGTH_ATTRS):
+            length = model_max_length(config)
+    if length is not None:
+        input_limit(s, length)
 
 
 def resolve_task_id(model: torch.nn.Module, task_id, task_names: Sequence[str] | None) -> int | None:
@@ -132,6 +191,10 @@ def run_bbh(
     """Generate, score and write one BBH protocol; returns the metrics dict written to the JSON file."""
     s = resolve_settings(bbh_cfg)
     p = bbh.get_protocol(s["protocol"])
+    length = None
+    if s["max_input_tokens"] == bbh.MODEL_LENGTH:
+        length = s["model_max_length"] or model_max_length(getattr(model, "config", None), tokenizer)
+    max_input = input_limit(s, length)  # refused here, before any generation
     data_dir = s["data_dir"]
     if data_dir != bbh.HUB or p.prompt.demos != "task_file":
         bbh.bbh_dir(data_dir)  # a missing data dir fails before any generation, naming path / env / hub id
@@ -164,8 +227,9 @@ def run_bbh(
             progress=progress,
             max_batch_size=s["max_batch_size"],
             desc=f"bbh {p.name}",
-            max_input_tokens=s["max_input_tokens"],
+            max_input_tokens=max_input,
             truncation_side=s["truncation_side"],
+            truncate_special_tokens=p.decode.truncate_special_tokens,
             stats=gen_stats,
         )
     finally:
@@ -177,7 +241,7 @@ def run_bbh(
     if gen_stats.get("truncated"):
         log.warning(
             "BBH %s: %d prompt(s) longer than %s tokens were cut (%s side)",
-            p.name, gen_stats["truncated"], s["max_input_tokens"], s["truncation_side"],
+            p.name, gen_stats["truncated"], max_input, s["truncation_side"],
         )  # fmt: skip
     per_task: dict[str, list[bool]] = {t: [] for t in s["tasks"]}
     preds: dict[str, list[dict]] = {t: [] for t in s["tasks"]}
@@ -201,17 +265,21 @@ def run_bbh(
         "matching": p.matching,
         "source_aggregate": p.aggregate,
         "settings": {
-            k: s[k]
-            for k in (
-                "limit",
-                "max_new_tokens",
-                "stop",
-                "max_input_tokens",
-                "truncation_side",
-                "batch_tokens",
-                "task_id",
-                "merge",
-            )
+            **{
+                k: s[k]
+                for k in (
+                    "limit",
+                    "max_new_tokens",
+                    "stop",
+                    "truncation_side",
+                    "batch_tokens",
+                    "task_id",
+                    "merge",
+                )
+            },
+            "max_input_tokens": max_input,
+            "model_max_length": length,
+            "truncate_special_tokens": p.decode.truncate_special_tokens,
         },
         "truncated_prompts": gen_stats.get("truncated", 0),
         "data_dir": f"hub:{bbh.HUB_ID}" if data_dir == bbh.HUB else str(bbh.bbh_dir(data_dir)),

@@ -119,6 +119,30 @@ def truncate_prompts(
     return out, n_cut
 
 
+#: ``tokenizer.model_max_length`` of a tokenizer that sets none (``int(1e30)``): "no limit", not a length
+TOKENIZER_NO_LIMIT = int(1e30)
+#: the context length assumed when neither the model config nor the tokenizer gives one
+DEFAULT_MODEL_MAX_LENGTH = 2048
+#: config attributes holding the context length, in lm-eval's order
+MODEL_LENGTH_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def model_max_length(config, tokenizer=None, default: int = DEFAULT_MODEL_MAX_LENGTH) -> int:
+    """The model's context length, looked up as lm-eval's Hugging Face model does: the first of
+    ``n_positions``, ``max_position_embeddings``, ``n_ctx`` set on ``config.text_config`` (composite
+    configs) or else on ``config``; then ``tokenizer.model_max_length`` unless it is the "no limit" value;
+    then ``default``. ``config``: a model config or None."""
+    cfg = getattr(config, "text_config", None) or config
+    for attr in MODEL_LENGTH_ATTRS:
+        v = getattr(cfg, attr, None)
+        if v is not None:
+            return int(v)
+    n = getattr(tokenizer, "model_max_length", None)
+    if n is not None and int(n) != TOKENIZER_NO_LIMIT:
+        return int(n)
+    return int(default)
+
+
 def truncate_at_first_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """``text`` cut at the earliest occurrence of any stop string; whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
@@ -251,6 +275,7 @@ def greedy_generate(
     return_ids: bool = False,
     max_input_tokens: int | None = None,
     truncation_side: str = "left",
+    truncate_special_tokens: bool = False,
 ) -> list[str] | list[list[int]]:
     """Greedy continuations of ``prompts`` (see the module doc).
 
@@ -259,8 +284,9 @@ def greedy_generate(
     ``batches`` (the number of batches), ``batch_sizes`` and ``truncated`` (prompts cut to
     ``max_input_tokens``, :func:`truncate_prompts`: the special tokens the tokenizer adds, such as BOS, are
     kept; ``truncation_side="left"`` keeps the end of the text, ``"right"`` its start, which is Hugging Face's
-    default side). ``return_ids``: the generated token ids
-    instead (EOS excluded; up to and including the token that completed a stop string).
+    default side; ``truncate_special_tokens=True`` cuts the encoded ids as they are, special tokens
+    included, as lm-eval's left truncation of the encoded context does). ``return_ids``: the generated token
+    ids instead (EOS excluded; up to and including the token that completed a stop string).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -283,7 +309,7 @@ def greedy_generate(
     if any(len(x) == 0 for x in enc):
         raise ValueError("a prompt tokenizes to zero tokens")
     special = None  # the special tokens of the prompts to cut (others are not tokenized again)
-    if max_input_tokens is not None and add_special_tokens:
+    if max_input_tokens is not None and add_special_tokens and not truncate_special_tokens:
         special = [
             special_spans(x, tokenizer(p, add_special_tokens=False)["input_ids"])
             if len(x) > max_input_tokens

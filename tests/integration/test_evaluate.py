@@ -111,6 +111,78 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
     assert x["generation"] == _greedy_forward(model, tok, prompt, 32)
 
 
+def test_lmeval_presets_cut_prompts_to_the_model_length_and_refuse_no_room(tmp_path: Path) -> None:
+    """lm-eval's HF model feeds the last ``max_length - max_gen_toks`` ids of each encoded prompt, where
+    ``max_length`` is the config's ``max_position_embeddings`` (512 for the tiny model) and ``max_gen_toks``
+    256 for bbh_fewshot; with ``max_gen_toks >= max_length`` (bbh_cot_fewshot's 1024) it refuses to run."""
+    cfg = compose_train([], run_dir=tmp_path)
+    tok, model = build_tokenizer(cfg.model), build_model(cfg.model).eval()
+    room = int(model.config.max_position_embeddings) - 256
+    assert room == 256
+    tasks = ["navigate", "date_understanding"]
+    prompts = [
+        bbh.build_prompt("lmeval_fewshot", t, ex["input"])
+        for t in tasks
+        for ex in bbh.load_task(t, protocol="lmeval_fewshot")[1][:2]
+    ]
+    full = [tok(p)["input_ids"] for p in prompts]
+    assert all(len(x) > room for x in full)  # every prompt is cut
+    seen: list[list[int]] = []
+
+    def first_step(m, args, kw):
+        if kw["input_ids"].shape[1] > 1:  # the prompt step (later steps feed one token per row)
+            seen.extend(r[k.bool()].tolist() for r, k in zip(kw["input_ids"], kw["attention_mask"]))
+
+    hook = model.register_forward_pre_hook(first_step, with_kwargs=True)
+    try:
+        m = run_bbh(
+            model, tok, {"protocol": "lmeval_fewshot", "tasks": tasks, "limit": 2}, tmp_path, progress=False
+        )
+    finally:
+        hook.remove()
+    assert sorted(seen) == sorted(x[-room:] for x in full)
+    assert m["settings"]["max_input_tokens"] == room and m["settings"]["model_max_length"] == 512
+    assert m["truncated_prompts"] == len(prompts)
+    # the generation is the greedy continuation of the kept ids, cut at the stop strings
+    line = json.loads((tmp_path / "predictions" / "bbh_lmeval_fewshot" / "navigate.jsonl").open().readline())
+    ids, out = full[0][-room:], []
+    with torch.no_grad():
+        for _ in range(256):
+            t = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if t == tok.eos_token_id:
+                break
+            out.append(t)
+            if any(x in tok.decode(out, skip_special_tokens=True) for x in ("</s>", "Q", "\n\n")):
+                break
+    text = tok.decode(out, skip_special_tokens=True)
+    assert line["generation"] == bbh.truncate_at_stop(text, ("</s>", "Q", "\n\n"))
+
+    # bbh_cot_fewshot's 1024 new tokens on a 512-position model: refused before any generation
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ConfigError, match=r"model max length 512 .*eval.bbh.max_new_tokens=1024"):
+            run_bbh(model, tok, {"protocol": "lmeval_cot_fewshot", "tasks": tasks, "limit": 1}, tmp_path)
+        with pytest.raises(ConfigError, match="model max length 300"):  # lm-eval's max_length model arg
+            run_bbh(
+                model,
+                tok,
+                {"protocol": "lmeval_fewshot", "model_max_length": 300, "max_new_tokens": 300},
+                tmp_path,
+            )
+    finally:
+        hook.remove()
+    assert not calls
+    with pytest.raises(ConfigError, match=r"model max length 512 .*eval.bbh.max_new_tokens=1024"):
+        validate_config(compose_train(["eval=bbh", "eval/bbh=lmeval_cot_fewshot"], run_dir=tmp_path))
+    for ok in (
+        "eval.bbh.max_new_tokens=511",
+        "eval.bbh.model_max_length=2048",
+        "eval.bbh.max_input_tokens=0",
+    ):
+        validate_config(compose_train(["eval=bbh", "eval/bbh=lmeval_cot_fewshot", ok], run_dir=tmp_path))
+
+
 def test_scores_and_macro_micro_from_known_generations(tmp_path: Path, monkeypatch) -> None:
     # generations replaced by the target for snarks and by nonsense for navigate: 100 % and 0 %
     def fake(model, tok, prompts, max_new_tokens, **kw):
@@ -166,7 +238,9 @@ def test_protocol_presets_match_the_library_and_validate(tmp_path: Path) -> None
     presets = sorted(p.stem for p in (CONF / "eval" / "bbh").glob("*.yaml"))
     assert presets == sorted(bbh.PROTOCOLS)
     for name in presets:
-        cfg = compose_train(["eval=bbh", f"eval/bbh={name}"], run_dir=tmp_path)
+        # lmeval_cot_fewshot's 1024 new tokens exceed the tiny model's 512 positions: refused unless longer
+        more = ["eval.bbh.model_max_length=4096"] if name == "lmeval_cot_fewshot" else []
+        cfg = compose_train(["eval=bbh", f"eval/bbh={name}", *more], run_dir=tmp_path)
         validate_config(cfg)
         dec = bbh.PROTOCOLS[name].decode
         assert cfg.eval.bbh.protocol == name and cfg.eval.bbh.max_new_tokens == dec.max_new_tokens
@@ -179,6 +253,8 @@ def test_protocol_presets_match_the_library_and_validate(tmp_path: Path) -> None
     for bad, key in (
         ("eval.bbh.truncation_side=middle", "eval.bbh.truncation_side"),
         ("eval.bbh.max_input_tokens=-1", "eval.bbh.max_input_tokens"),
+        ("eval.bbh.max_input_tokens=all", "eval.bbh.max_input_tokens"),
+        ("eval.bbh.model_max_length=0", "eval.bbh.model_max_length"),
         ("eval.bbh.protocol=nope", "eval.bbh.protocol"),
         ("eval.bbh.tasks=[nope]", "eval.bbh.tasks"),
     ):

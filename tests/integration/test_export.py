@@ -124,6 +124,59 @@ def test_merged_export_is_a_plain_model_with_the_same_logits(trained, loaded, tm
         export_merged(run_dir, out)
 
 
+@torch.no_grad()
+def _greedy_until_eos(model, ids: list[int], eos: int, n: int) -> list[int]:
+    """Greedy continuation by full forward passes, ending with ``eos`` when it is the argmax (reference)."""
+    out: list[int] = []
+    for _ in range(n):
+        t = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        out.append(t)
+        if t == eos:
+            break
+    return out
+
+
+def _assert_generate_stops_at_eos(model_dir: Path) -> None:
+    """The saved configs carry the tokenizer's special ids, and HF ``generate`` on the saved model stops at
+    EOS. To make EOS come up, the EOS row of the output embedding is set (in the weights file only, configs
+    untouched) to ``c·h/|h|²``, with ``h`` the final hidden state 3 tokens into the continuation and ``c``
+    10 above that step's largest logit: EOS then wins at that step at the latest."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    assert None not in special.values()
+    for name in ("config.json", "generation_config.json"):
+        saved = json.loads((model_dir / name).read_text())
+        assert {k: saved.get(k) for k in special} == special, name
+
+    eos, ids, n_new = special["eos_token_id"], tok(PROMPTS[0])["input_ids"], 32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    cont = _greedy_until_eos(model, ids, eos, 3)
+    assert len(cont) == 3 and eos not in cont  # the untouched random model does not stop by itself
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids + cont]), output_hidden_states=True)
+    h, top = out.hidden_states[-1][0, -1], float(out.logits[0, -1].max())
+    path = model_dir / "model.safetensors"
+    weights = load_file(str(path))
+    key = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"  # tied: one tensor
+    weights[key][eos] = h * (top + 10.0) / h.dot(h)
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    want = _greedy_until_eos(model, ids, eos, n_new)
+    assert want[-1] == eos and len(want) <= 4
+    got = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n_new, do_sample=False)  # fmt: skip
+    assert got[0, len(ids) :].tolist() == want  # stopped at EOS, well before max_new_tokens
+
+
+def test_exports_carry_the_tokenizer_special_ids_and_generate_stops_at_eos(trained, tmp_path: Path) -> None:
+    run_dir, _ = trained
+    _assert_generate_stops_at_eos(export_merged(run_dir, tmp_path / "merged"))
+    _assert_generate_stops_at_eos(export_peft(run_dir, tmp_path / "peft") / "base_model")
+
+
 def test_tampered_base_weights_fail_the_fingerprint_check(trained, tmp_path: Path) -> None:
     d = _copy_run(trained[0], tmp_path)
     path = d / "base_model" / "model.safetensors"

@@ -57,6 +57,9 @@ def test_presets_are_frozen_and_complete():
         p.name = "x"  # type: ignore[misc]
     assert p.decode.stop == ("</s>", "Q", "\n\n") and p.decode.max_new_tokens == 1024
     assert PROTOCOLS["lmeval_fewshot"].decode.stop == ("</s>", "Q", "\n\n")
+    for name in ("lmeval_cot_fewshot", "lmeval_fewshot"):  # lm-eval's HFLM: last (L - max_gen_toks) ids
+        d = PROTOCOLS[name].decode
+        assert (d.max_input_tokens, d.truncation_side, d.truncate_special_tokens) == ("model", "left", True)
     assert PROTOCOLS["mtlora_direct"].decode.max_new_tokens == 32
     assert PROTOCOLS["align_lora"].decode.max_new_tokens == 256
     assert PROTOCOLS["opencompass_cot"].decode == bbh.DecodeSpec(max_new_tokens=512, stop=("Q:",))
@@ -109,6 +112,30 @@ def test_lmeval_fewshot_strict():
     assert not score("lmeval_fewshot", TASK, " False", "False")  # no stripping (unverified on Qwen BPE)
     assert not score("lmeval_fewshot", TASK, "false", "False")
     assert not score("lmeval_fewshot", MCQ, "So the answer is (A).", "(A)")
+
+
+@pytest.mark.parametrize(
+    "protocol, gen, target",
+    [
+        ("lmeval_fewshot", "False\0", "False"),  # trailing NUL in the generation
+        ("lmeval_fewshot", "False\0\0\0", "False"),
+        ("lmeval_fewshot", "False", "False\0"),  # ... or in the reference
+        ("lmeval_fewshot", "\0False", "False"),  # a leading NUL counts
+        ("lmeval_fewshot", "Fal\0se", "False"),  # an inner NUL counts
+        ("lmeval_fewshot", "False \0", "False"),  # only NULs go, not the space before them
+        ("lmeval_fewshot", "\0", ""),
+        ("lmeval_cot_fewshot", "So the answer is (A)\0\0", "(A)"),  # regex keeps "(A)\0", strip() keeps NULs
+        ("lmeval_cot_fewshot", "So the answer is (A).\0\0", "(A)"),  # "(A).\0": the period still counts
+    ],
+)
+def test_lmeval_exact_match_ignores_trailing_nuls_like_numpy_string_compare(protocol, gen, target):
+    """lm-eval's exact_match compares ``np.asarray(predictions) == np.asarray(references)``: NumPy's
+    fixed-width unicode strings drop trailing NULs. The reference here is that comparison itself."""
+    np = pytest.importorskip("numpy")
+    pred = extract(protocol, MCQ if "cot" in protocol else TASK, gen)
+    want = bool((np.asarray([pred]) == np.asarray([target]))[0])
+    assert score(protocol, MCQ if "cot" in protocol else TASK, gen, target) is want
+    assert bbh.lmeval_exact_match(pred, target) is want
 
 
 # ------------------------------------------------------------------ mtLoRA lenient

@@ -312,3 +312,61 @@ def test_truncation_keeps_the_special_tokens_the_tokenizer_adds(tiny):
     assert special_spans([5, 6], [5, 6]) == (0, 0) and special_spans([7, 5], [5, 6]) == (0, 0)
     cut, k = truncate_prompts([[1, 2, 3, 4, 5, 9]], 4, "right", [(1, 1)])
     assert cut == [[1, 2, 3, 9]] and k == 1
+
+
+class _WithBos:
+    """The tiny byte tokenizer, adding ``bos`` in front when ``add_special_tokens`` (as Llama's does)."""
+
+    def __init__(self, inner, bos: int):
+        self._inner, self._bos = inner, bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = self._inner(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ([self._bos] if add_special_tokens else []) + ids}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_truncate_special_tokens_cuts_the_encoded_ids_bos_included(tiny):
+    """lm-eval's left truncation (``encoding["input_ids"][:, -left_truncate_len:]`` of the left-padded batch)
+    keeps each row's last n ids, BOS or not: the rows the model sees are ``tok(prompt)[-n:]``."""
+    model, tok = tiny
+    btok = _WithBos(tok, tok.eos_token_id)
+    n = 7
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"]) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    stats: dict = {}
+    try:
+        greedy_generate(
+            model, btok, PROMPTS, 1, progress=False, max_input_tokens=n, batch_tokens=1, stats=stats,
+            truncation_side="left", truncate_special_tokens=True,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    bos = tok.eos_token_id
+    full = [[bos, *tok(p, add_special_tokens=False)["input_ids"]] for p in PROMPTS]
+    rows = sorted(ids[0].tolist() for ids in seen)  # batches run longest first: compare sorted
+    assert rows == sorted(x[-n:] for x in full)
+    assert stats["truncated"] == sum(len(x) > n for x in full) > 0
+    assert sum(r[0] == bos for r in rows) == sum(len(x) <= n for x in full) > 0  # BOS only in uncut rows
+
+
+def test_model_max_length_is_looked_up_as_lm_eval_does():
+    """lm-eval's HF model: text_config first, then n_positions / max_position_embeddings / n_ctx (in that
+    order), then the tokenizer's model_max_length unless it is the 'no limit' int(1e30), then 2048."""
+    from types import SimpleNamespace as NS
+
+    from mtlora.eval.generate import model_max_length
+
+    assert model_max_length(NS(n_positions=1024, max_position_embeddings=4096)) == 1024
+    assert model_max_length(NS(max_position_embeddings=4096, n_ctx=77)) == 4096
+    assert model_max_length(NS(text_config=NS(max_position_embeddings=32768), n_ctx=1200)) == 32768
+    assert model_max_length(NS(), NS(model_max_length=300)) == 300
+    assert model_max_length(NS(), NS(model_max_length=1000000000000000019884624838656)) == 2048
+    assert model_max_length(None, None) == 2048
+    cfg = compose_train([])
+    assert model_max_length(build_model(cfg.model).config, build_tokenizer(cfg.model)) == 512
