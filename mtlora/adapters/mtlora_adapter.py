@@ -11,7 +11,11 @@ Component layer (wraps an ``nn.Linear``):
     \\pi(x) = \\mathrm{softmax}_{\\text{experts}}\\big(\\mathrm{reshape}_{g\\times N}(W_r x)\\big)
 
 * ``A ∈ R^{r×d_in}`` shared, ``B_i ∈ R^{d_out×r}`` (one parameter ``lora_B`` of shape ``(N, d_out, r)``),
-  ``s = α/r`` (``α/√r`` with ``use_rslora``); dropout placement as HydraLoRA (``dropout_place``).
+  ``s = α/r`` (``α/√r`` with ``use_rslora``).
+* **Dropout [code]** (``dropout_place``, null = as the code): with FGR on (``routing_group_size`` set, or
+  ``g > 1``) ``drop_i = drop``, **one** mask shared by all experts (the code's fine-grained branch applies
+  ``lora_dropout`` once, before ``A``); without FGR one mask per expert (``input_per_head``, the code's
+  scalar-routing branch = HydraLoRA). ``input_shared`` / ``input_per_head`` / ``A_out_per_head`` force one.
 * **FGR [code]:** the bias-free router ``W_r ∈ R^{(N·g)×d_in}`` reads the un-dropped token ``x``; its
   ``N·g`` logits are viewed as ``(g, N)`` (logit ``k·N + i`` = group ``k``, expert ``i``), softmax over the
   experts **per group** (fp32, autocast off). ``Π_i(x) ∈ R^{d_out}`` repeats group ``k``'s weight
@@ -69,6 +73,12 @@ def routing_groups_for(
     return g
 
 
+def fgr_dropout_place(routing_group_size: int | None, groups: int) -> str:
+    """The released code's dropout for a component layer: ``input_shared`` (one mask for all experts) when
+    fine-grained routing is on (``routing_group_size`` set, or ``g > 1``), else ``input_per_head``."""
+    return "input_shared" if routing_group_size is not None or groups > 1 else "input_per_head"
+
+
 def check_blc_alpha(name: str, blc_alpha) -> float:
     ok = isinstance(blc_alpha, int | float) and not isinstance(blc_alpha, bool) and blc_alpha >= 0
     check_arg(name, "blc_alpha", blc_alpha, ok, "a number >= 0")
@@ -121,6 +131,7 @@ class MtLoraLinear(HydraLoraLinear):
     method = "mtlora"
     defaults = {
         **HydraLoraLinear.defaults,
+        "dropout_place": None,  # as the code: shared mask with FGR, one per expert without (module doc)
         "routing_group_size": None,
         "routing_groups": 1,
         "blc_alpha": 0.01,
@@ -151,6 +162,8 @@ class MtLoraLinear(HydraLoraLinear):
         routing_groups = d["routing_groups"] if routing_groups is None else routing_groups
         groups = routing_groups_for(name, base_layer.out_features, routing_group_size, routing_groups)
         blc_alpha = check_blc_alpha(name, d["blc_alpha"] if blc_alpha is None else blc_alpha)
+        if dropout_place is None:
+            dropout_place = fgr_dropout_place(routing_group_size, groups)
         super().__init__(
             base_layer,
             name,

@@ -248,6 +248,9 @@ def validate_config(cfg: DictConfig) -> None:
         ("init_scale", INIT_SCALES),
         ("combine", COMBINES),
     ):
+        if key == "dropout_place" and cfg.adapter.get("method") == "mtlora":
+            # mtLoRA: null = the released code's choice by fine-grained routing (mtlora.adapters.mtlora_adapter)
+            values = (None, *values)
         if c.get(f"adapter.{key}") is not _MISSING:
             c.choice(f"adapter.{key}", values)
     if c.get("adapter.stable_gamma") is not _MISSING:

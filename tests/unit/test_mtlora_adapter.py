@@ -32,6 +32,7 @@ from mtlora.adapters import (
 )
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.mtlora_adapter import combine_experts
+from mtlora.config import validate_config
 from mtlora.count import count
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
@@ -56,23 +57,28 @@ def randomise(layer: nn.Module, seed: int = 1, scale: float = 1.0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if n == "lora_B" else 1.0) * scale)
 
 
-def reference_delta(x, a, b, router, groups: int, scaling, relu: bool = False, expert_scale=None):
-    """s Σ_i Π_i(x) ⊙ B_i φ(A x), token by token, expert by expert, group by group (float64)."""
+def reference_delta(
+    x, a, b, router, groups: int, scaling, relu: bool = False, expert_scale=None, x_for_a=None
+):
+    """s Σ_i Π_i(x) ⊙ B_i φ(A x_i), token by token, expert by expert, group by group (float64). The router
+    reads ``x``; ``A`` reads ``x_for_a`` (the dropped input: ``(..., d_in)`` shared by the experts or
+    ``(..., N, d_in)`` one per expert; default ``x``)."""
     x, a, b, router = (t.detach().double() for t in (x, a, b, router))
     n, d_out, _ = b.shape
     gs = d_out // groups
     flat = x.reshape(-1, x.shape[-1])
+    xa = flat if x_for_a is None else x_for_a.detach().double().reshape(flat.shape[0], -1, x.shape[-1])
     out = torch.zeros(flat.shape[0], d_out, dtype=torch.float64)
     for t in range(flat.shape[0]):
         logits = router @ flat[t]  # (N·g,), logit k·N + i = group k, expert i
-        z = a @ flat[t]
-        if relu:
-            z = torch.relu(z)
         for k in range(groups):
             lk = logits[k * n : (k + 1) * n]
             p = torch.exp(lk - lk.max())
             p = p / p.sum()
             for i in range(n):
+                z = a @ (xa[t] if xa.dim() == 2 else xa[t, i if xa.shape[1] > 1 else 0])
+                if relu:
+                    z = torch.relu(z)
                 c = p[i] * (1.0 if expert_scale is None else float(expert_scale[i].detach()))
                 out[t, k * gs : (k + 1) * gs] += c * (b[i] @ z)[k * gs : (k + 1) * gs]
     if scaling is not None:
@@ -128,6 +134,64 @@ def test_one_group_equals_hydralora() -> None:
     )
     torch.testing.assert_close(mt(x), hydra(x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(mt(x), eq, atol=1e-5, rtol=1e-5)
+
+
+def _replayed_mask(seed: int, shape, p: float) -> torch.Tensor:
+    """The inverted-dropout mask (0 or 1/(1-p)) that the first dropout call after ``manual_seed(seed)`` draws."""
+    torch.manual_seed(seed)
+    return torch.nn.functional.dropout(torch.ones(shape), p=p, training=True)
+
+
+def test_fgr_component_dropout_is_one_mask_shared_by_all_experts_as_the_code() -> None:
+    """The released FGR branch applies lora_dropout once to x, before A: one mask for all experts."""
+    p = 0.5
+    layer, base = make(routing_groups=2, dropout=p)  # dropout_place left at its default
+    assert layer.dropout_place == "input_shared"
+    randomise(layer)
+    x = torch.randn(2, 5, D_IN)
+    layer.train()
+    torch.manual_seed(7)
+    out = layer(x).double()
+    shared = _replayed_mask(7, x.shape, p)
+    args = (x, layer.lora_A, layer.lora_B, layer.lora_router, 2, layer.scaling)
+    expected = base(x).double() + reference_delta(*args, x_for_a=x * shared)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    clean = base(x).double() + reference_delta(*args)
+    assert (out - clean).abs().max() > 1e-2  # the mask acts
+
+    # the other knob: one mask per expert (dropout_place=input_per_head), replayed the same way
+    per, _ = make(routing_groups=2, dropout=p, dropout_place="input_per_head")
+    per.load_state_dict(layer.state_dict())
+    per.train()
+    torch.manual_seed(7)
+    out_per = per(x).double()
+    masks = _replayed_mask(7, (2, 5, HEADS, D_IN), p)
+    expected_per = base(x).double() + reference_delta(*args, x_for_a=x.unsqueeze(-2) * masks)
+    torch.testing.assert_close(out_per, expected_per, atol=1e-5, rtol=1e-5)
+    assert (out_per - out).abs().max() > 1e-2
+
+
+def test_component_dropout_default_follows_fine_grained_routing() -> None:
+    assert make(routing_groups=1)[0].dropout_place == "input_per_head"  # no FGR: HydraLoRA's masks
+    assert make(routing_groups=4)[0].dropout_place == "input_shared"
+    assert make(routing_group_size=D_OUT)[0].dropout_place == "input_shared"  # FGR on with one group
+    assert make(routing_groups=2, dropout_place="input_per_head")[0].dropout_place == "input_per_head"
+    for preset, place in [
+        ("adapter=mtlora_component", "input_shared"),
+        ("experiment=mtlora/ablation/hydralora_qv_bbh", "input_per_head"),
+        ("experiment=mtlora/ablation/hydralora_qv_mmlu", "input_per_head"),
+    ]:
+        acfg = compose_train([preset]).adapter
+        layer = MtLoraLinear.from_config(nn.Linear(D_IN, 16), "x", AdapterContext(), acfg)
+        assert layer.dropout_place == place, preset
+    # null passes the config check for mtLoRA only; a bad value names the key
+    validate_config(compose_train(["adapter=mtlora_component", "adapter.dropout_place=null"]))
+    for overrides in (
+        ["adapter=mtlora", "adapter.dropout_place=output"],
+        ["adapter=hydralora", "adapter.dropout_place=null"],
+    ):
+        with pytest.raises(ConfigError, match="adapter.dropout_place"):
+            validate_config(compose_train(overrides))
 
 
 def test_zero_b_init_leaves_base_output_unchanged() -> None:
