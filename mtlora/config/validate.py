@@ -340,6 +340,8 @@ def validate_config(cfg: DictConfig) -> None:
             c.num(f"adapter.{key}", 0)
     if c.get("adapter.adaptformer_scale_init") is not _MISSING:
         c.num("adapter.adaptformer_scale_init")
+    if c.get("adapter.blc_grad") is not _MISSING:
+        c.rule("adapter.blc_grad", lambda v: isinstance(v, bool), "true or false")
     # MeTA-LoRA's meta-learning step (adapter=meta_lora)
     if cfg.adapter.get("meta"):
         try:

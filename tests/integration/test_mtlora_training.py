@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.helpers.training import SHORT_RUN, assert_short_run_learns, logged, train_tiny
@@ -63,8 +64,6 @@ def test_bf16_autocast_trains_with_fp32_adapter_weights(tmp_path: Path) -> None:
 def _spectral_reference_grad(bs: list) -> list:
     """∇ of mean over all matrices B (d_out × r) of Σ_kl (w_k w_l (BᵀB − c²I)_kl)², w_k = exp(−σ_k/(σ̄+1e-8)),
     c = ‖B‖_F/√r + 1e-8 (σ, c held constant), one matrix at a time in float64 (mtLoRA's self_gram penalty)."""
-    import torch
-
     leaves = [b.detach().double().clone().requires_grad_(True) for b in bs]
     terms = []
     for stack in leaves:
@@ -83,8 +82,6 @@ def _spectral_reference_grad(bs: list) -> list:
 def test_spectral_term_weighs_lambda_over_ga_in_the_step_gradient(tmp_path: Path) -> None:
     """One SGD step at GA = 2: the spectral term moves B by −lr · (λ / GA) · ∇L_spec(B₀) (the official trainer
     adds λ·L_spec to one micro-batch loss, which the HF Trainer then divides by GA)."""
-    import torch
-
     lam, lr, ga = 1.0e3, 0.1, 2
     run = [
         "adapter=mtlora",
@@ -120,3 +117,27 @@ def test_spectral_term_weighs_lambda_over_ga_in_the_step_gradient(tmp_path: Path
         expected = -lr * lam / ga * g
         assert float(expected.abs().max()) > 1e-4  # a visible effect is checked
         torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("placement", ["block_ffn", "component"])
+def test_blc_grad_false_leaves_the_router_to_the_task_loss_under_checkpointing(
+    placement: str, tmp_path: Path
+) -> None:
+    """With B = 0 at step 0 the task loss gives the router no gradient, so after one step the router has
+    moved only if the balance loss reaches it: never with blc_grad=false (the released scripts' inert BLC),
+    always with true; gradient checkpointing on, as the presets."""
+    run = ["adapter=mtlora", f"adapter.placement={placement}", *SHORT_RUN, "train.max_steps=1"]
+    run += ["train.gradient_checkpointing=true", "train.warmup_ratio=0.0"]
+
+    def routers(name: str, extra: list[str]) -> dict:
+        d = train_tiny(tmp_path, name, [*run, *extra])
+        w = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+        return {k: v for k, v in w.items() if k.endswith("lora_router")}
+
+    init = routers("init", ["train.optimizer.lr=0.0"])
+    off = routers("off", ["adapter.blc_grad=false"])
+    on = routers("on", ["adapter.blc_grad=true"])
+    assert init and set(init) == set(off) == set(on)
+    for k in init:
+        assert torch.equal(off[k], init[k]), k
+        assert float((on[k] - init[k]).abs().max()) > 1e-5, k

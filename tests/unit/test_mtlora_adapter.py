@@ -231,6 +231,90 @@ def test_balance_loss_is_cv_squared_of_mean_routing_probability() -> None:
     assert not off.context.aux_losses
 
 
+def _reference_balance_grad(x: torch.Tensor, router: torch.Tensor, groups: int, alpha: float, layers: int):
+    """(value, ∇_router) of alpha · cv²(p̄) / L in float64: softmax over experts per (token, group),
+    p̄ = mean over tokens and groups, cv² = unbiased variance / (mean² + 1e-10)."""
+    r = router.detach().double().clone().requires_grad_(True)
+    logits = (x.reshape(-1, x.shape[-1]).double() @ r.T).reshape(-1, groups, r.shape[0] // groups)
+    p_bar = torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1]).mean(0)
+    value = alpha * p_bar.var(unbiased=True) / (p_bar.mean() ** 2 + 1e-10) / layers
+    value.backward()
+    return float(value.detach()), r.grad
+
+
+def _component(blc_grad: bool):
+    layer, _ = make(routing_groups=2, blc_alpha=0.3, blc_grad=blc_grad)
+    return layer
+
+
+def _block(blc_grad: bool):
+    torch.manual_seed(0)
+    return BlockAdapter(
+        nn.Linear(D_IN, D_IN), "blocks.0.mlp", AdapterContext(), dim=D_IN, rank=RANK, alpha=ALPHA,
+        num_heads=HEADS, routing_groups=2, blc_alpha=0.3, blc_grad=blc_grad,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("build", [_component, _block], ids=["component", "block"])
+@pytest.mark.parametrize("blc_grad", [False, True])
+def test_blc_grad_decides_whether_the_balance_loss_reaches_the_router(build, blc_grad: bool) -> None:
+    """blc_grad=false (the released scripts' effective BLC under reentrant checkpointing): the balance value
+    is there but the router's gradient is that of the task loss alone; true: plus ∇ of the BLC."""
+    layer = build(blc_grad)
+    layer.context.num_layers = 4
+    randomise(layer)
+    x = torch.randn(2, 5, D_IN)
+
+    def router_grad(train: bool) -> torch.Tensor:
+        layer.train(train)
+        layer.zero_grad()
+        layer.context.begin()
+        out = layer(x)
+        loss = 1e-3 * out.square().mean()  # small, so that fp32 round-off of the difference stays small
+        aux = layer.context.total_aux_loss()
+        assert (aux is not None) == train
+        (loss if aux is None else loss + aux).backward()
+        return layer.lora_router.grad.clone()
+
+    with_blc = router_grad(train=True)  # dropout is 0: train and eval forwards are the same
+    task_only = router_grad(train=False)
+    value, expected = _reference_balance_grad(x, layer.lora_router, 2, 0.3, 4)
+    layer.train()
+    layer.context.begin()
+    layer(x)
+    (aux,) = layer.context.aux_losses.values()
+    assert float(aux.detach()) == pytest.approx(value, rel=1e-5) and value > 1e-4  # computed in both cases
+    assert aux.requires_grad == blc_grad
+    assert float(expected.abs().max()) > 1e-4 and float(task_only.abs().max()) > 1e-4
+    if blc_grad:
+        torch.testing.assert_close((with_blc - task_only).double(), expected, rtol=1e-4, atol=1e-7)
+    else:
+        assert torch.equal(with_blc, task_only)
+
+
+def test_paper_presets_run_the_codes_inert_blc_and_spectral_step_weight() -> None:
+    """Every mtLoRA preset: blc_grad=false [code]; spectral step weight λ/GA equal to the scripts' (BBH λ 1.0 at
+    GA 2 every 500 steps, Dolly->MMLU λ 0.5 at GA 1 every 280 steps); the method default keeps the BLC active."""
+    assert compose_train(["adapter=mtlora"]).adapter.blc_grad is True
+    root = Path(__file__).resolve().parents[2] / "conf" / "experiment" / "mtlora"
+    seen = 0
+    for f in sorted(root.glob("*/*.yaml")):
+        cfg = compose_train([f"experiment=mtlora/{f.parent.name}/{f.stem}"])
+        if cfg.adapter.method != "mtlora":
+            continue
+        seen += 1
+        assert cfg.adapter.blc_grad is False, f
+        spec = cfg.adapter.spectral
+        if spec.mode == "none":
+            continue
+        script = (1.0, 2, 500) if f.stem.endswith("bbh") else (0.5, 1, 280)
+        ga = cfg.train.gradient_accumulation_steps
+        assert spec["lambda"] / ga == pytest.approx(script[0] / script[1]), f
+        assert spec.every_steps == script[2], f
+        assert cfg.train.micro_batch_size * ga == 32, f  # the scripts' 32 rows per step: same firing steps
+    assert seen == 12
+
+
 def test_router_is_fp32_and_sums_to_one_per_group_for_bf16_inputs() -> None:
     layer, _ = make(routing_groups=2)
     randomise(layer)
