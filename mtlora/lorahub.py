@@ -8,12 +8,22 @@ composition (LoraHub's state-dict weighted sum, not ``Σ w_i B_i A_i``)::
 
     Â = Σ_i w_i A_i,   B̂ = Σ_i w_i B_i,   h = W0 x + s · B̂ Â x
 
-and ``w`` minimises ``L(w) = CE(w) + l1 · mean_i |w_i|`` with a Nevergrad optimizer (``NGOpt``,
-``adapter.budget`` evaluations). ``CE`` is the mean answer-token cross-entropy (all answer tokens of the
-few-shot set pooled) of ``adapter.fewshot_per_task`` rows of each task of the run's ``data`` mixture,
-drawn without replacement from the task's train split with ``numpy.random.default_rng(cfg.seed)``.
-The objective is deterministic (eval mode), so the result is the best *evaluated* point (w = 0, the base
-model, is evaluated first and always a candidate); Nevergrad's own recommendation is recorded as well.
+and ``w`` minimises, with a Nevergrad optimizer (``NGOpt``, ``adapter.budget`` evaluations)::
+
+    L(w) = CE̅(w) / n + l1 · (1/K) Σ_i |w_i|     (adapter.ce_norm: n_examples [code])
+    L(w) = CE̅(w)     + l1 · (1/K) Σ_i |w_i|     (adapter.ce_norm: none)
+
+``CE̅`` is the mean answer-token cross-entropy of the few-shot set (all its answer tokens pooled) and ``n``
+its number of rows: ``adapter.fewshot_per_task`` rows of each task of the run's ``data`` mixture, drawn
+without replacement from the task's train split with ``numpy.random.default_rng(cfg.seed)``. The released
+``default_get_loss`` sums each batch's token-mean loss and divides by the number of examples; with its
+default batch (all examples at once, as ``reproduce_bbh.py``'s batch of 5 for 5 examples) that is
+``CE̅ / n``. Batching here (``eval.batch_size``) only bounds memory: the pooled mean does not depend on it.
+
+Result (``adapter.result``): ``recommendation`` [code] — Nevergrad's ``provide_recommendation()`` after the
+budget (what the released ``optimizer.minimize`` returns and loads); ``best_evaluated`` — the best point the
+optimizer evaluated (w = 0, the base model, is evaluated first and is always a candidate). Both, with their
+objective values, are recorded in ``metrics/lorahub.json``.
 
 The run dir is a normal run dir: markers, config, ``meta.json``, ``base_model/``, and the composed LoRA as
 ``adapter/`` (so :func:`mtlora.load_run`, ``python -m mtlora.export`` and held-in eval work on it; the
@@ -48,6 +58,10 @@ log = logging.getLogger(__name__)
 ADAPTER_KEYS = ("rank", "alpha", "use_rslora", "target_modules")
 #: model keys that do not change the base weights (not compared)
 MODEL_KEYS_IGNORED = ("default_lr", "max_seq_len")
+#: ``adapter.ce_norm``: divide the few-shot CE by the number of few-shot rows (the code) or not
+CE_NORMS = ("n_examples", "none")
+#: ``adapter.result``: the weights that are loaded and saved
+RESULTS = ("recommendation", "best_evaluated")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -77,6 +91,10 @@ def check_lorahub_config(cfg: DictConfig) -> None:
         errors.append(f"adapter.num_modules={a.get('num_modules')!r}: must be an integer >= 1 or null")
     if not isinstance(a.get("optimizer"), str):
         errors.append(f"adapter.optimizer={a.get('optimizer')!r}: must be a Nevergrad optimizer name")
+    if a.get("ce_norm", "n_examples") not in CE_NORMS:
+        errors.append(f"adapter.ce_norm={a.get('ce_norm')!r}: must be one of {list(CE_NORMS)}")
+    if a.get("result", "recommendation") not in RESULTS:
+        errors.append(f"adapter.result={a.get('result')!r}: must be one of {list(RESULTS)}")
     lib = a.get("library")
     if lib is not None and not isinstance(lib, ListConfig | list):
         errors.append(f"adapter.library={lib!r}: must be a list of run dirs")
@@ -274,23 +292,30 @@ def fewshot_ce(model: torch.nn.Module, batches: Sequence[dict]) -> float:
 
 
 class Objective:
-    """``L(w) = CE(w) + l1 · mean|w|``; every call is recorded in :attr:`history`. Equal weight vectors
+    """``L(w) = CE̅(w) / n + l1 · mean|w|`` (``ce_norm="n_examples"``, ``n`` = rows of ``batches``) or
+    ``CE̅(w) + l1 · mean|w|`` (``"none"``); every call is recorded in :attr:`history`. Equal weight vectors
     are evaluated once (Nevergrad may ask a point twice; the objective is deterministic)."""
 
-    def __init__(self, model, stacks: dict[str, tuple], batches: Sequence[dict], l1: float) -> None:
+    def __init__(
+        self, model, stacks: dict[str, tuple], batches: Sequence[dict], l1: float, ce_norm: str = "n_examples"
+    ) -> None:
+        if ce_norm not in CE_NORMS:
+            raise ConfigError(f"adapter.ce_norm={ce_norm!r}: must be one of {list(CE_NORMS)}")
         self.model, self.stacks, self.batches, self.l1 = model, stacks, batches, float(l1)
+        self.n_examples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        self.ce_divisor = float(max(self.n_examples, 1)) if ce_norm == "n_examples" else 1.0
         self.history: list[dict] = []
         self._cache: dict[tuple, tuple[float, float]] = {}
 
     def evaluate(self, w) -> tuple[float, float]:
-        """``(L(w), CE(w))``."""
+        """``(L(w), CE̅(w))`` (``CE̅`` the pooled answer-token mean, before the division by ``n``)."""
         w = np.asarray(w, dtype=np.float64).reshape(-1)
         key = tuple(np.float32(w).tolist())
         if key not in self._cache:
             set_composition(self.model, self.stacks, w)
             ce = fewshot_ce(self.model, self.batches)
             reg = self.l1 * float(np.mean(np.abs(w))) if len(w) else 0.0
-            self._cache[key] = (ce + reg, ce)
+            self._cache[key] = (ce / self.ce_divisor + reg, ce)
         return self._cache[key]
 
     def __call__(self, w) -> float:
@@ -302,7 +327,8 @@ class Objective:
 
 
 def optimize(objective: Objective, k: int, budget: int, bound: float, optimizer: str, seed: int) -> dict:
-    """Run Nevergrad on ``objective`` over ``[-bound, bound]^k`` from 0; returns the best evaluated point."""
+    """Run Nevergrad on ``objective`` over ``[-bound, bound]^k`` from 0; returns the best evaluated point
+    and Nevergrad's recommendation, each with its objective value."""
     try:
         import nevergrad as ng
     except ImportError as e:  # an optional dependency
@@ -327,11 +353,13 @@ def optimize(objective: Objective, k: int, budget: int, bound: float, optimizer:
     best = min(objective.history, key=lambda r: r["loss"])
     if loss0 < best["loss"]:
         best = {"eval": None, "weights": zero.tolist(), "loss": loss0, "ce": ce0}
+    rec_w = np.asarray(rec.value, dtype=np.float64).reshape(-1)
+    rec_loss, rec_ce = objective.evaluate(rec_w)  # not an optimizer evaluation: kept out of the history
     return {
-        "best": best,
+        "best_evaluated": best,
+        "recommendation": {"weights": rec_w.tolist(), "loss": rec_loss, "ce": rec_ce},
         "loss_at_zero": loss0,
         "ce_at_zero": ce0,
-        "recommendation": np.asarray(rec.value).tolist(),
         "nevergrad_optimizer": str(getattr(opt, "optim", type(opt).__name__)),
     }
 
@@ -374,7 +402,9 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
     stacks = load_library_weights(model, modules)
     rows = fewshot_rows(data, int(cfg.adapter.fewshot_per_task), seed)
     batches = fewshot_batches(data, rows, int(cfg.eval.batch_size), device)
-    objective = Objective(model, stacks, batches, float(cfg.adapter.l1))
+    ce_norm = str(cfg.adapter.get("ce_norm", "n_examples"))
+    choice = str(cfg.adapter.get("result", "recommendation"))
+    objective = Objective(model, stacks, batches, float(cfg.adapter.l1), ce_norm)
     log.info(
         "LoraHub: composing %d LoRAs (%s), %d few-shot rows, %s budget %d",
         len(modules),
@@ -396,22 +426,35 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         for r in objective.history:
             tracker.log({"lorahub/loss": r["loss"], "lorahub/ce": r["ce"]}, r["eval"])
-        best = res["best"]
-        set_composition(model, stacks, best["weights"])
+        best, rec = res["best_evaluated"], res["recommendation"]
+        chosen = rec if choice == "recommendation" else best
+        set_composition(model, stacks, chosen["weights"])
         names = [str(Path(d).resolve()) for d in modules]
         result = {
             "library": [str(Path(d).resolve()) for d in library],
             "modules": names,
-            "weights": dict(zip(names, best["weights"])),
-            "best_loss": best["loss"],
-            "best_ce": best["ce"],
-            "best_eval": best["eval"],
+            "result": choice,
+            "weights": dict(zip(names, chosen["weights"])),
+            "loss": chosen["loss"],
+            "ce": chosen["ce"],
+            "best_evaluated": {
+                "weights": dict(zip(names, best["weights"])),
+                "loss": best["loss"],
+                "ce": best["ce"],
+                "eval": best["eval"],
+            },
+            "recommendation": {
+                "weights": dict(zip(names, rec["weights"])),
+                "loss": rec["loss"],
+                "ce": rec["ce"],
+            },
             "loss_at_zero": res["loss_at_zero"],
             "ce_at_zero": res["ce_at_zero"],
+            "ce_norm": ce_norm,
+            "n_examples": objective.n_examples,
             "budget": int(cfg.adapter.budget),
             "optimizer": str(cfg.adapter.optimizer),
             "nevergrad_optimizer": res["nevergrad_optimizer"],
-            "recommendation": dict(zip(names, res["recommendation"])),
             "weight_bound": float(cfg.adapter.weight_bound),
             "l1": float(cfg.adapter.l1),
             "seed": seed,
@@ -421,11 +464,15 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
             "evaluations": objective.history,
         }
         log.info(
-            "LoraHub: best loss %.4f (CE %.4f; base model %.4f) at weights %s",
-            best["loss"],
-            best["ce"],
+            "LoraHub: loaded the %s, loss %.4f (CE %.4f; base model %.4f) at weights %s; best evaluated "
+            "loss %.4f, recommendation loss %.4f",
+            choice,
+            chosen["loss"],
+            chosen["ce"],
             res["ce_at_zero"],
-            ", ".join(f"{w:+.3f}" for w in best["weights"]),
+            ", ".join(f"{w:+.3f}" for w in chosen["weights"]),
+            best["loss"],
+            rec["loss"],
         )
         write_meta(
             run_dir,
@@ -433,7 +480,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
             world_size=1,
             parameters=count_parameters(model),
             mixture=data.summary(),
-            lorahub={k: result[k] for k in ("modules", "weights", "best_loss", "budget")},
+            lorahub={k: result[k] for k in ("modules", "result", "weights", "loss", "budget")},
         )
         save_base_model(cfg.model, model, tokenizer, run_dir / "base_model")
         save_adapter(
@@ -443,7 +490,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
                 "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
                 "base_model": OmegaConf.to_container(cfg.model, resolve=True),
                 "task_names": list(data.task_names),
-                "lorahub": {"modules": names, "weights": best["weights"]},
+                "lorahub": {"modules": names, "result": choice, "weights": chosen["weights"]},
             },
         )
         metrics = run_dir / "metrics"
@@ -463,7 +510,13 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
             (metrics / "eval_heldin.md").write_text(md + "\n")
             log.info("held-out eval of the composed LoRA:\n%s", md)
             tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
-        tracker.summary({"lorahub/best_loss": best["loss"]})
+        tracker.summary(
+            {
+                "lorahub/loss": chosen["loss"],
+                "lorahub/best_evaluated_loss": best["loss"],
+                "lorahub/recommendation_loss": rec["loss"],
+            }
+        )
         generation_suites_at_end(cfg, model, tokenizer, data, run_dir, tracker, 0)  # bbh, heldin_gen, mmlu
         log.info("LoraHub done in %.1f s", time.perf_counter() - t0)
         ok = True

@@ -9,7 +9,7 @@ the **post-norm** block input ``u = LN(x)`` and added to the sub-block output:
 
 with ``A ∈ R^{r×d}``, ``B_i ∈ R^{d×r}`` (``d`` = hidden size), ``s = α/r`` (``α/√r`` with ``use_rslora``),
 one dropout mask shared by the experts (as the block code), the router ``Π`` on the un-dropped ``u``
-with fine-grained routing and the BLC of :mod:`mtlora.adapters.mtlora_adapter`. :class:`BlockAdapter`
+with fine-grained routing and the BLC (``blc_grad``) of :mod:`mtlora.adapters.mtlora_adapter`. :class:`BlockAdapter`
 wraps the sub-block module itself: the decoder layer's ``mlp`` (its input is already
 ``post_attention_layernorm(x)``: ``out = mlp(u) + Δ(u)``) and/or its ``self_attn`` (its ``hidden_states``
 is ``input_layernorm(x)``; the first item of its output tuple gets ``+ Δ(hidden_states)``); the module
@@ -45,6 +45,7 @@ from mtlora.adapters.lora import lora_scaling
 from mtlora.adapters.mtlora_adapter import (
     add_balance_loss,
     check_blc_alpha,
+    check_blc_grad,
     combine_experts,
     group_router_probs,
     routing_groups_for,
@@ -81,6 +82,7 @@ class BlockAdapter(AdapterLayer):
         routing_groups: int | None = 1,
         blc_alpha: float = 0.01,
         adaptformer_scale_init: float = 0.0,
+        blc_grad: bool = True,
     ) -> None:
         # AdapterLayer.__init__ insists on an nn.Linear; a block adapter wraps a whole sub-block
         nn.Module.__init__(self)
@@ -100,6 +102,7 @@ class BlockAdapter(AdapterLayer):
         self.style = style
         self.groups = routing_groups_for(name, dim, routing_group_size, routing_groups)
         self.blc_alpha = check_blc_alpha(name, blc_alpha)
+        self.blc_grad = check_blc_grad(name, blc_grad)
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -130,6 +133,7 @@ class BlockAdapter(AdapterLayer):
             routing_groups=cfg.get("routing_groups", 1),
             blc_alpha=cfg.get("blc_alpha", 0.01),
             adaptformer_scale_init=cfg.get("adaptformer_scale_init", 0.0),
+            blc_grad=cfg.get("blc_grad", True),
         )
 
     @property
@@ -166,7 +170,7 @@ class BlockAdapter(AdapterLayer):
         if self.style != "lowrank":
             z = torch.relu(z)
         pi = self.router_weights(u)
-        add_balance_loss(self, pi, self.blc_alpha)
+        add_balance_loss(self, pi, self.blc_alpha, self.blc_grad)
         if self.style == "adaptformer":  # per-expert learnable scale instead of s
             return combine_experts(z, pi * self.lora_scale.float(), self.lora_B, per_head=False)
         return combine_experts(z, pi, self.lora_B, per_head=False) * self.scaling
@@ -197,6 +201,7 @@ class BlockAdapter(AdapterLayer):
         return (
             f"dim={self.dim}, rank={self.rank}, num_heads={self.num_heads}, style={self.style}, "
             f"scaling={self.scaling:g}, routing_groups={self.groups}, blc_alpha={self.blc_alpha:g}, "
+            f"blc_grad={self.blc_grad}, "
             f"dropout={self.dropout_p}"
         )
 

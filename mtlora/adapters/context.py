@@ -4,7 +4,8 @@ The training loop sets it before each forward (``context.begin(task_ids=..., cap
 layers read ``task_ids`` (one id per row, for task-aware adapters), write the output of their
 down-projection into ``captured`` when ``capture`` is on (alignment losses, diagnostics) and put
 auxiliary losses (router balance) into ``aux_losses``. Model-level terms that look at all layers at
-once and run on a schedule (``regularizers``) are called by the loop once per optimizer step.
+once and run on a schedule (``regularizers``) are called by the loop once per optimizer step; both kinds
+enter the step's loss with weight ``1/GA`` (as a term added to a micro-batch loss in an HF Trainer).
 
 The values stay in place until the next ``begin`` so that non-reentrant gradient checkpointing, which
 re-runs layer forwards during backward, sees the same task ids as the original forward. Captured tensors
@@ -31,7 +32,7 @@ class AdapterContext:
     #: number of adapter layers in the model (set at injection; for losses averaged over layers)
     num_layers: int = 0
     #: model-level terms (e.g. mtLoRA's spectral regulariser), set at injection, kept across forwards;
-    #: the loop adds each one's value to the first micro-batch of every optimizer step
+    #: the loop adds each one's value / GA to the first micro-batch of every optimizer step
     regularizers: list[StepRegularizer] = field(default_factory=list)
 
     def begin(self, task_ids: torch.Tensor | None = None, capture: bool = False) -> None:

@@ -11,7 +11,11 @@ Component layer (wraps an ``nn.Linear``):
     \\pi(x) = \\mathrm{softmax}_{\\text{experts}}\\big(\\mathrm{reshape}_{g\\times N}(W_r x)\\big)
 
 * ``A ∈ R^{r×d_in}`` shared, ``B_i ∈ R^{d_out×r}`` (one parameter ``lora_B`` of shape ``(N, d_out, r)``),
-  ``s = α/r`` (``α/√r`` with ``use_rslora``); dropout placement as HydraLoRA (``dropout_place``).
+  ``s = α/r`` (``α/√r`` with ``use_rslora``).
+* **Dropout [code]** (``dropout_place``, null = as the code): with FGR on (``routing_group_size`` set, or
+  ``g > 1``) ``drop_i = drop``, **one** mask shared by all experts (the code's fine-grained branch applies
+  ``lora_dropout`` once, before ``A``); without FGR one mask per expert (``input_per_head``, the code's
+  scalar-routing branch = HydraLoRA). ``input_shared`` / ``input_per_head`` / ``A_out_per_head`` force one.
 * **FGR [code]:** the bias-free router ``W_r ∈ R^{(N·g)×d_in}`` reads the un-dropped token ``x``; its
   ``N·g`` logits are viewed as ``(g, N)`` (logit ``k·N + i`` = group ``k``, expert ``i``), softmax over the
   experts **per group** (fp32, autocast off). ``Π_i(x) ∈ R^{d_out}`` repeats group ``k``'s weight
@@ -23,6 +27,12 @@ Component layer (wraps an ``nn.Linear``):
   ``cv² = Var(p̄) / (Mean(p̄)² + 1e-10)`` (unbiased variance, as ``torch.var`` in the code), computed in
   training mode only, added as ``context.aux_losses["<layer>.balance"] = blc_alpha · cv² / L``
   (``L = context.num_layers``) so that the loop's sum over layers is ``blc_alpha`` × the mean over layers.
+* **BLC gradient** (``blc_grad``): ``true`` [paper] — the term trains the router; ``false`` [code] — the
+  value is computed but detached, so it reaches no parameter. The released scripts train with HF gradient
+  checkpointing, reentrant in transformers 4.36: decoder layers run their forward under ``no_grad`` and
+  the balance value the trainer collects after the forward carries no graph (the recomputation during
+  backward builds one, but nothing reads it), so the reported numbers had an inert BLC. Our gradient
+  checkpointing is non-reentrant and would make it active, hence this explicit key.
 
 Computation without a loop over experts: ``u = π ⊗ z`` laid out as ``(…, g, N·r)`` and ``B`` viewed as
 ``(g, group_size, N·r)``; one einsum gives ``(…, g, group_size)`` = ``(…, d_out)``.
@@ -69,6 +79,17 @@ def routing_groups_for(
     return g
 
 
+def fgr_dropout_place(routing_group_size: int | None, groups: int) -> str:
+    """The released code's dropout for a component layer: ``input_shared`` (one mask for all experts) when
+    fine-grained routing is on (``routing_group_size`` set, or ``g > 1``), else ``input_per_head``."""
+    return "input_shared" if routing_group_size is not None or groups > 1 else "input_per_head"
+
+
+def check_blc_grad(name: str, blc_grad) -> bool:
+    check_arg(name, "blc_grad", blc_grad, isinstance(blc_grad, bool), "true or false")
+    return blc_grad
+
+
 def check_blc_alpha(name: str, blc_alpha) -> float:
     ok = isinstance(blc_alpha, int | float) and not isinstance(blc_alpha, bool) and blc_alpha >= 0
     check_arg(name, "blc_alpha", blc_alpha, ok, "a number >= 0")
@@ -104,12 +125,14 @@ def cv_squared(p: torch.Tensor) -> torch.Tensor:
     return p.var(dim=-1) / (p.mean(dim=-1) ** 2 + 1e-10)
 
 
-def add_balance_loss(layer: AdapterLayer, pi: torch.Tensor, blc_alpha: float) -> None:
-    """BLC of the routing probabilities ``pi`` (``(..., g, N)``) into ``context.aux_losses`` (training only)."""
+def add_balance_loss(layer: AdapterLayer, pi: torch.Tensor, blc_alpha: float, grad: bool = True) -> None:
+    """BLC of the routing probabilities ``pi`` (``(..., g, N)``) into ``context.aux_losses`` (training only);
+    detached when ``grad`` is false (``blc_grad``, module doc)."""
     if not layer.training or blc_alpha <= 0 or pi.shape[-1] == 1:
         return
     p_bar = pi.float().reshape(-1, pi.shape[-1]).mean(0)  # mean over batch, tokens and groups
-    layer.add_aux_loss("balance", blc_alpha * cv_squared(p_bar) / max(layer.context.num_layers, 1))
+    value = blc_alpha * cv_squared(p_bar) / max(layer.context.num_layers, 1)
+    layer.add_aux_loss("balance", value if grad else value.detach())
 
 
 class MtLoraLinear(HydraLoraLinear):
@@ -121,9 +144,11 @@ class MtLoraLinear(HydraLoraLinear):
     method = "mtlora"
     defaults = {
         **HydraLoraLinear.defaults,
+        "dropout_place": None,  # as the code: shared mask with FGR, one per expert without (module doc)
         "routing_group_size": None,
         "routing_groups": 1,
         "blc_alpha": 0.01,
+        "blc_grad": True,
     }
 
     def __init__(
@@ -144,6 +169,7 @@ class MtLoraLinear(HydraLoraLinear):
         routing_group_size: int | None = None,
         routing_groups: int | None = None,
         blc_alpha: float | None = None,
+        blc_grad: bool | None = None,
     ) -> None:
         d = self.defaults
         init = d["init"] if init is None else init
@@ -151,6 +177,9 @@ class MtLoraLinear(HydraLoraLinear):
         routing_groups = d["routing_groups"] if routing_groups is None else routing_groups
         groups = routing_groups_for(name, base_layer.out_features, routing_group_size, routing_groups)
         blc_alpha = check_blc_alpha(name, d["blc_alpha"] if blc_alpha is None else blc_alpha)
+        blc_grad = check_blc_grad(name, d["blc_grad"] if blc_grad is None else blc_grad)
+        if dropout_place is None:
+            dropout_place = fgr_dropout_place(routing_group_size, groups)
         super().__init__(
             base_layer,
             name,
@@ -168,6 +197,7 @@ class MtLoraLinear(HydraLoraLinear):
         )
         self.groups = groups
         self.blc_alpha = blc_alpha
+        self.blc_grad = blc_grad
         if groups > 1:  # N·g router outputs (with g = 1 the layer is exactly HydraLoRA, same init draws)
             dev = self.lora_A.device
             self.lora_router = nn.Parameter(
@@ -191,8 +221,11 @@ class MtLoraLinear(HydraLoraLinear):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         z, per_head = self._head_inputs(x)  # (..., r) or, with per-head dropout, (..., N, r)
         pi = self.router_weights(x)
-        add_balance_loss(self, pi, self.blc_alpha)
+        add_balance_loss(self, pi, self.blc_alpha, self.blc_grad)
         return combine_experts(z, pi, self.lora_B, per_head) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, routing_groups={self.groups}, blc_alpha={self.blc_alpha:g}"
+        return (
+            f"{super().extra_repr()}, routing_groups={self.groups}, blc_alpha={self.blc_alpha:g}, "
+            f"blc_grad={self.blc_grad}"
+        )

@@ -21,7 +21,9 @@ off. When there are more than ``max_matrices`` matrices, a random subset is used
 
 **Schedule.** The regulariser is a ``(step, steps_per_epoch) -> Tensor | None`` callable in
 ``context.regularizers``; the loop calls it once per optimizer step with the 0-based step index and adds
-the value to the step's first micro-batch. It fires
+``value / GA`` to the step's first micro-batch [code]: the official trainer adds ``λ · L_spec`` to one
+micro-batch loss and the HF Trainer divides every micro-batch loss by GA, so the step's gradient holds
+``(λ / GA) · ∇L_spec`` (at GA = 1 this is ``λ``). It fires
 
 * with ``every_steps = k``: at steps where ``(step + 1) % k == 0`` (``k−1, 2k−1, …``). The official
   trainer fires when ``global_step − last ≥ k`` with ``last`` starting at ``−1`` and set to the step each

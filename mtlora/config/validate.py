@@ -263,6 +263,9 @@ def validate_config(cfg: DictConfig) -> None:
         ("init_scale", INIT_SCALES),
         ("combine", COMBINES),
     ):
+        if key == "dropout_place" and cfg.adapter.get("method") == "mtlora":
+            # mtLoRA: null = the released code's choice by fine-grained routing (mtlora.adapters.mtlora_adapter)
+            values = (None, *values)
         if c.get(f"adapter.{key}") is not _MISSING:
             c.choice(f"adapter.{key}", values)
     if c.get("adapter.stable_gamma") is not _MISSING:
@@ -352,6 +355,8 @@ def validate_config(cfg: DictConfig) -> None:
             c.num(f"adapter.{key}", 0)
     if c.get("adapter.adaptformer_scale_init") is not _MISSING:
         c.num("adapter.adaptformer_scale_init")
+    if c.get("adapter.blc_grad") is not _MISSING:
+        c.rule("adapter.blc_grad", lambda v: isinstance(v, bool), "true or false")
     # MeTA-LoRA's meta-learning step (adapter=meta_lora)
     if cfg.adapter.get("meta"):
         try:

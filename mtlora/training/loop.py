@@ -5,7 +5,8 @@ step is the summed answer-token cross-entropy of its micro-batches divided by th
 count on this process, so each micro-batch weighs by its tokens (not 1/GA); DDP then averages the
 processes' gradients. Adapter auxiliary losses (``model.adapter_context.aux_losses``) are added with
 weight 1/GA per micro-batch; model-level regularisers (``model.adapter_context.regularizers``) once per
-optimizer step, to its first micro-batch.
+optimizer step, to its first micro-batch, also with weight 1/GA (an HF Trainer adds such a term to one
+micro-batch loss and then divides that loss by GA).
 """
 
 from __future__ import annotations
@@ -257,11 +258,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                     aux = ctx.total_aux_loss()
                     if aux is not None:
                         loss = loss + aux / ga
-                    if i == 0:  # model-level regularisers: once per optimizer step, on its first micro-batch
+                    if i == 0:  # model-level regularisers: once per step, on its first micro-batch, ÷ GA
                         for reg in ctx.regularizers:
                             r = reg(step, steps_per_epoch)
                             if r is not None:
-                                loss = loss + r
+                                loss = loss + r / ga
                     if align is not None and not align.per_micro_batch:
                         pending = loss if pending is None else pending + loss
                         if sync:

@@ -1,4 +1,5 @@
-"""LoraHub end to end: two tiny task LoRAs trained by the runner, composed in-process and through the CLI."""
+"""LoraHub end to end: two tiny task LoRAs trained by the runner, composed in-process (the recommendation or the
+best evaluated point loaded) and through the CLI."""
 
 from __future__ import annotations
 
@@ -58,8 +59,7 @@ def _fewshot_ce(model, cfg, res: dict, tokenizer) -> float:
     return total / tokens
 
 
-def test_composition_beats_the_base_model_and_reloads(library: list[Path], tmp_path: Path) -> None:
-    d = tmp_path / "hub"
+def _compose(library: list[Path], d: Path, extra: list[str]):
     cfg = compose_train(
         [
             "adapter=lorahub",
@@ -68,41 +68,69 @@ def test_composition_beats_the_base_model_and_reloads(library: list[Path], tmp_p
             f"data.select=[{','.join(TASKS)}]",
             "eval.max_examples_per_task=8",
             "logger=none",
+            *extra,
         ],
         run_dir=d,
     )
     run(cfg, d)
-    assert (d / "COMPLETED").exists() and (d / "metrics" / "eval_heldin.json").exists()
-    res = json.loads((d / "metrics" / "lorahub.json").read_text())
-    names = [str(p.resolve()) for p in library]
-    assert res["modules"] == names and list(res["weights"]) == names and res["budget"] == 10
-    assert len(res["evaluations"]) == 10
-    assert res["best_loss"] == pytest.approx(min(r["loss"] for r in res["evaluations"]))
-    w = [res["weights"][n] for n in names]
-    assert any(abs(x) > 1e-6 for x in w) and all(abs(x) <= 1.5 for x in w)
-    meta = json.loads((d / "meta.json").read_text())
-    assert meta["lorahub"]["best_loss"] == res["best_loss"]
+    return cfg, json.loads((d / "metrics" / "lorahub.json").read_text())
 
-    model, tok = load_run(d)
-    # the reported weights reproduce the reported best loss through the saved run
-    l1 = cfg.adapter.l1 * sum(abs(x) for x in w) / len(w)
-    assert _fewshot_ce(model, cfg, res, tok) + l1 == pytest.approx(res["best_loss"], rel=1e-5)
-    # the saved adapter is Σ w_i A_i, Σ w_i B_i of the library weights
+
+def _saved_weights_are_the_composition(d: Path, library: list[Path], w: list[float]) -> None:
+    """The saved adapter is Σ w_i A_i, Σ w_i B_i of the library weights."""
     saved = load_file(str(d / "adapter" / "adapter_model.safetensors"))
     libs = [load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in library]
     for k, v in saved.items():
         torch.testing.assert_close(v, sum(wi * lib[k] for wi, lib in zip(w, libs)), rtol=1e-5, atol=1e-6)
+
+
+def test_composition_loads_the_recommendation_and_reloads(library: list[Path], tmp_path: Path) -> None:
+    d = tmp_path / "hub"
+    cfg, res = _compose(library, d, [])
+    assert (d / "COMPLETED").exists() and (d / "metrics" / "eval_heldin.json").exists()
+    names = [str(p.resolve()) for p in library]
+    assert res["modules"] == names and list(res["weights"]) == names and res["budget"] == 10
+    assert len(res["evaluations"]) == 10
+    n = len(TASKS) * cfg.adapter.fewshot_per_task
+    assert (res["result"], res["ce_norm"], res["n_examples"]) == ("recommendation", "n_examples", n)
+    # the loaded weights are Nevergrad's recommendation [code]; the best evaluated point is recorded too
+    assert res["weights"] == res["recommendation"]["weights"] and res["loss"] == res["recommendation"]["loss"]
+    best = res["best_evaluated"]
+    assert best["loss"] == pytest.approx(min([r["loss"] for r in res["evaluations"]] + [res["loss_at_zero"]]))
+    assert list(best["weights"]) == names
+    w = [res["weights"][k] for k in names]
+    assert any(abs(x) > 1e-6 for x in w) and all(abs(x) <= 1.5 for x in w)
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["lorahub"]["loss"] == res["loss"] and meta["lorahub"]["result"] == "recommendation"
+
+    model, tok = load_run(d)
+    # the loaded weights reproduce the reported objective through the saved run: CE̅ / n + l1 · mean|w|
+    l1 = cfg.adapter.l1 * sum(abs(x) for x in w) / len(w)
+    ce = _fewshot_ce(model, cfg, res, tok)
+    assert ce == pytest.approx(res["ce"], rel=1e-5)
+    assert ce / n + l1 == pytest.approx(res["loss"], rel=1e-5)
+    _saved_weights_are_the_composition(d, library, w)
     # the base model's loss (all B zeroed) is the reported loss at w = 0, and the composition beats it
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.zero_()
     base = _fewshot_ce(model, cfg, res, tok)
-    assert res["loss_at_zero"] == pytest.approx(base, rel=1e-5)
-    assert res["best_loss"] < base - 0.05, (res["best_loss"], base)
+    assert res["ce_at_zero"] == pytest.approx(base, rel=1e-5)
+    assert res["loss_at_zero"] == pytest.approx(base / n, rel=1e-5)
+    assert best["ce"] < base - 0.05 and best["loss"] < res["loss_at_zero"], (best, base)
 
     out = export_peft(d, tmp_path / "peft")  # exports like a plain LoRA run
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_result_best_evaluated_loads_the_best_point(library: list[Path], tmp_path: Path) -> None:
+    d = tmp_path / "best"
+    _, res = _compose(library, d, ["adapter.result=best_evaluated", "eval=none"])
+    names = [str(p.resolve()) for p in library]
+    assert res["result"] == "best_evaluated" and res["weights"] == res["best_evaluated"]["weights"]
+    assert res["loss"] == res["best_evaluated"]["loss"]
+    _saved_weights_are_the_composition(d, library, [res["weights"][k] for k in names])
 
 
 def test_cli_composes_a_library_glob(library: list[Path], tmp_path: Path) -> None:
@@ -131,4 +159,4 @@ def test_cli_composes_a_library_glob(library: list[Path], tmp_path: Path) -> Non
     assert bbh["micro"]["n"] == 1 and (d / "predictions" / "bbh_mtlora_direct" / "navigate.jsonl").exists()
     res = json.loads((d / "metrics" / "lorahub.json").read_text())
     assert len(res["modules"]) == 2 and len(res["evaluations"]) == 3
-    assert "LoraHub: best loss" in (d / "train.log").read_text()
+    assert "LoraHub: loaded the recommendation" in (d / "train.log").read_text()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,6 +21,7 @@ from mtlora.lorahub import (
     check_library_run,
     compose_factors,
     load_library_weights,
+    optimize,
     preflight_lorahub,
     resolve_library,
     sample_modules,
@@ -71,7 +74,7 @@ class _FixedLogits(nn.Module):
         return SimpleNamespace(logits=self.logits[int(input_ids[0, 0])])
 
 
-def test_objective_is_pooled_answer_token_ce_plus_l1_mean_abs_w() -> None:
+def test_objective_without_ce_norm_is_pooled_answer_token_ce_plus_l1_mean_abs_w() -> None:
     v = 4
     # batch 1: position 0 uniform (CE ln 4 on label 2), position 1 gives label 1 prob 3/6 (CE ln 2)
     l1 = torch.zeros(1, 3, v)
@@ -91,12 +94,101 @@ def test_objective_is_pooled_answer_token_ce_plus_l1_mean_abs_w() -> None:
         "labels": torch.tensor([[-100, -100, 3]]),
         "task_ids": torch.tensor([0]),
     }
-    obj = Objective(_FixedLogits({0: l1, 1: l2}), {}, [b1, b2], l1=0.05)
+    obj = Objective(_FixedLogits({0: l1, 1: l2}), {}, [b1, b2], l1=0.05, ce_norm="none")
     w = [1.0, -0.5, 0.0]
     ce = (math.log(4) + math.log(2) + math.log(4)) / 3  # pooled over the 3 answer tokens, not per batch
     assert obj(w) == pytest.approx(ce + 0.05 * 0.5, rel=1e-6)
     assert obj.evaluate([0.0, 0.0, 0.0])[0] == pytest.approx(ce, rel=1e-6)
     assert obj.history[0]["ce"] == pytest.approx(ce, rel=1e-6) and len(obj.history) == 1
+
+
+def _code_objective(example_token_losses: list[list[float]], weights: list[float], batch_size=None) -> float:
+    """lorahub/algorithm.py's default_get_loss + default_l1_regularization, re-done on per-token losses: each
+    batch's loss is the mean over its label tokens (a seq2seq model's outputs.loss), summed over batches and
+    divided by the number of examples; plus 0.05 · Σ|w| / len(w). Default batch: all examples at once."""
+    n = len(example_token_losses)
+    bs = n if batch_size is None else min(n, batch_size)
+    total = 0.0
+    for s in range(0, n, bs):
+        tokens = [x for ex in example_token_losses[s : s + bs] for x in ex]
+        total += sum(tokens) / len(tokens)
+    return total / n + 0.05 * sum(abs(w) for w in weights) / len(weights)
+
+
+def _hand_built_fewshot(seed: int = 0):
+    """Five rows in two batches (3 + 2) of a fixed-logit model; returns (batches, model, per-row token CEs).
+    Row answer tokens get logit ``a`` on their label and 0 elsewhere (vocab 4): CE = ln(e^a + 3) − a."""
+    g = torch.Generator().manual_seed(seed)
+    v, length = 4, 5
+    answers = [[2, 3], [1, 2, 3], [3], [2, 1, 0], [1]]  # answer tokens per row (label positions at the end)
+    losses, batches, logits = [], [], {}
+    for b, rows in enumerate(([0, 1, 2], [3, 4])):
+        lg = torch.zeros(len(rows), length, v)
+        labels = torch.full((len(rows), length), -100)
+        for j, r in enumerate(rows):
+            ce_row = []
+            for k, tok in enumerate(answers[r]):
+                pos = length - len(answers[r]) + k  # label position; logits at pos - 1 predict it
+                a = float(torch.rand((), generator=g) * 4 - 1)
+                labels[j, pos] = tok
+                lg[j, pos - 1, tok] = a
+                ce_row.append(math.log(math.exp(a) + v - 1) - a)
+            losses.append(ce_row)
+        lg[:, -1] = 9.0  # the last position predicts nothing: must not count
+        ids = torch.full((len(rows), length), 5)
+        ids[0, 0] = b
+        batches.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": labels,
+                "task_ids": torch.zeros(len(rows), dtype=torch.long),
+            }
+        )
+        logits[b] = lg
+    return batches, _FixedLogits(logits), losses
+
+
+def test_objective_is_the_codes_ce_over_n_examples_plus_l1_mean_abs_w() -> None:
+    batches, model, losses = _hand_built_fewshot()
+    w = [0.9, -0.3, 0.0, 1.4]
+    obj = Objective(model, {}, batches, l1=0.05)  # ce_norm defaults to the code's n_examples
+    assert obj.n_examples == 5
+    expected = _code_objective(losses, w)
+    assert obj(w) == pytest.approx(expected, rel=1e-6)
+    pooled = sum(sum(r) for r in losses) / sum(len(r) for r in losses)
+    assert obj.history[-1]["ce"] == pytest.approx(pooled, rel=1e-6)
+    # CE / 5: the L1 term pulls 5x harder than with ce_norm=none, whose value differs accordingly
+    none = Objective(model, {}, batches, l1=0.05, ce_norm="none")
+    assert none(w) == pytest.approx(pooled + 0.05 * sum(abs(x) for x in w) / len(w), rel=1e-6)
+    assert abs(none(w) - obj(w)) > 0.5
+    with pytest.raises(ConfigError, match="adapter.ce_norm"):
+        Objective(model, {}, batches, l1=0.05, ce_norm="tokens")
+
+
+def test_optimize_returns_nevergrads_recommendation_and_the_best_evaluated_point() -> None:
+    ng = pytest.importorskip("nevergrad")
+    batches, model, _ = _hand_built_fewshot()
+
+    class Quadratic(Objective):  # a deterministic objective with an interior optimum (no model needed)
+        def evaluate(self, w):
+            w = np.asarray(w, dtype=np.float64).reshape(-1)
+            ce = float(((w - np.array([0.7, -0.4, 0.2])) ** 2).sum()) + 1.0
+            return ce / self.ce_divisor + self.l1 * float(np.abs(w).mean()), ce
+
+    obj = Quadratic(model, {}, batches, l1=0.05)
+    res = optimize(obj, 3, budget=25, bound=1.5, optimizer="NGOpt", seed=3)
+    # the released lorahub_learning: NGOpt over Array(init 0, ±1.5), optimizer.minimize(get_score)
+    param = ng.p.Array(init=np.zeros(3), lower=-1.5, upper=1.5)
+    param.random_state = np.random.RandomState(3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RHOEND.*")  # scipy's COBYLA, chosen by NGOpt
+        rec = ng.optimizers.NGOpt(parametrization=param, budget=25).minimize(lambda w: obj.evaluate(w)[0])
+    np.testing.assert_allclose(res["recommendation"]["weights"], rec.value)
+    assert res["recommendation"]["loss"] == pytest.approx(obj.evaluate(rec.value)[0])
+    assert len(obj.history) == 25  # the recommendation's evaluation is not one of the optimizer's
+    best = min([*obj.history, {"loss": obj.evaluate(np.zeros(3))[0]}], key=lambda r: r["loss"])
+    assert res["best_evaluated"]["loss"] == best["loss"]
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], state: dict | None = None, done=True) -> Path:

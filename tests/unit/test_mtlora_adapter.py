@@ -32,6 +32,7 @@ from mtlora.adapters import (
 )
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.mtlora_adapter import combine_experts
+from mtlora.config import validate_config
 from mtlora.count import count
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
@@ -56,23 +57,28 @@ def randomise(layer: nn.Module, seed: int = 1, scale: float = 1.0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if n == "lora_B" else 1.0) * scale)
 
 
-def reference_delta(x, a, b, router, groups: int, scaling, relu: bool = False, expert_scale=None):
-    """s Σ_i Π_i(x) ⊙ B_i φ(A x), token by token, expert by expert, group by group (float64)."""
+def reference_delta(
+    x, a, b, router, groups: int, scaling, relu: bool = False, expert_scale=None, x_for_a=None
+):
+    """s Σ_i Π_i(x) ⊙ B_i φ(A x_i), token by token, expert by expert, group by group (float64). The router
+    reads ``x``; ``A`` reads ``x_for_a`` (the dropped input: ``(..., d_in)`` shared by the experts or
+    ``(..., N, d_in)`` one per expert; default ``x``)."""
     x, a, b, router = (t.detach().double() for t in (x, a, b, router))
     n, d_out, _ = b.shape
     gs = d_out // groups
     flat = x.reshape(-1, x.shape[-1])
+    xa = flat if x_for_a is None else x_for_a.detach().double().reshape(flat.shape[0], -1, x.shape[-1])
     out = torch.zeros(flat.shape[0], d_out, dtype=torch.float64)
     for t in range(flat.shape[0]):
         logits = router @ flat[t]  # (N·g,), logit k·N + i = group k, expert i
-        z = a @ flat[t]
-        if relu:
-            z = torch.relu(z)
         for k in range(groups):
             lk = logits[k * n : (k + 1) * n]
             p = torch.exp(lk - lk.max())
             p = p / p.sum()
             for i in range(n):
+                z = a @ (xa[t] if xa.dim() == 2 else xa[t, i if xa.shape[1] > 1 else 0])
+                if relu:
+                    z = torch.relu(z)
                 c = p[i] * (1.0 if expert_scale is None else float(expert_scale[i].detach()))
                 out[t, k * gs : (k + 1) * gs] += c * (b[i] @ z)[k * gs : (k + 1) * gs]
     if scaling is not None:
@@ -130,6 +136,64 @@ def test_one_group_equals_hydralora() -> None:
     torch.testing.assert_close(mt(x), eq, atol=1e-5, rtol=1e-5)
 
 
+def _replayed_mask(seed: int, shape, p: float) -> torch.Tensor:
+    """The inverted-dropout mask (0 or 1/(1-p)) that the first dropout call after ``manual_seed(seed)`` draws."""
+    torch.manual_seed(seed)
+    return torch.nn.functional.dropout(torch.ones(shape), p=p, training=True)
+
+
+def test_fgr_component_dropout_is_one_mask_shared_by_all_experts_as_the_code() -> None:
+    """The released FGR branch applies lora_dropout once to x, before A: one mask for all experts."""
+    p = 0.5
+    layer, base = make(routing_groups=2, dropout=p)  # dropout_place left at its default
+    assert layer.dropout_place == "input_shared"
+    randomise(layer)
+    x = torch.randn(2, 5, D_IN)
+    layer.train()
+    torch.manual_seed(7)
+    out = layer(x).double()
+    shared = _replayed_mask(7, x.shape, p)
+    args = (x, layer.lora_A, layer.lora_B, layer.lora_router, 2, layer.scaling)
+    expected = base(x).double() + reference_delta(*args, x_for_a=x * shared)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    clean = base(x).double() + reference_delta(*args)
+    assert (out - clean).abs().max() > 1e-2  # the mask acts
+
+    # the other knob: one mask per expert (dropout_place=input_per_head), replayed the same way
+    per, _ = make(routing_groups=2, dropout=p, dropout_place="input_per_head")
+    per.load_state_dict(layer.state_dict())
+    per.train()
+    torch.manual_seed(7)
+    out_per = per(x).double()
+    masks = _replayed_mask(7, (2, 5, HEADS, D_IN), p)
+    expected_per = base(x).double() + reference_delta(*args, x_for_a=x.unsqueeze(-2) * masks)
+    torch.testing.assert_close(out_per, expected_per, atol=1e-5, rtol=1e-5)
+    assert (out_per - out).abs().max() > 1e-2
+
+
+def test_component_dropout_default_follows_fine_grained_routing() -> None:
+    assert make(routing_groups=1)[0].dropout_place == "input_per_head"  # no FGR: HydraLoRA's masks
+    assert make(routing_groups=4)[0].dropout_place == "input_shared"
+    assert make(routing_group_size=D_OUT)[0].dropout_place == "input_shared"  # FGR on with one group
+    assert make(routing_groups=2, dropout_place="input_per_head")[0].dropout_place == "input_per_head"
+    for preset, place in [
+        ("adapter=mtlora_component", "input_shared"),
+        ("experiment=mtlora/ablation/hydralora_qv_bbh", "input_per_head"),
+        ("experiment=mtlora/ablation/hydralora_qv_mmlu", "input_per_head"),
+    ]:
+        acfg = compose_train([preset]).adapter
+        layer = MtLoraLinear.from_config(nn.Linear(D_IN, 16), "x", AdapterContext(), acfg)
+        assert layer.dropout_place == place, preset
+    # null passes the config check for mtLoRA only; a bad value names the key
+    validate_config(compose_train(["adapter=mtlora_component", "adapter.dropout_place=null"]))
+    for overrides in (
+        ["adapter=mtlora", "adapter.dropout_place=output"],
+        ["adapter=hydralora", "adapter.dropout_place=null"],
+    ):
+        with pytest.raises(ConfigError, match="adapter.dropout_place"):
+            validate_config(compose_train(overrides))
+
+
 def test_zero_b_init_leaves_base_output_unchanged() -> None:
     layer, base = make(routing_groups=2)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
@@ -165,6 +229,90 @@ def test_balance_loss_is_cv_squared_of_mean_routing_probability() -> None:
     off.train()
     off(x)
     assert not off.context.aux_losses
+
+
+def _reference_balance_grad(x: torch.Tensor, router: torch.Tensor, groups: int, alpha: float, layers: int):
+    """(value, ∇_router) of alpha · cv²(p̄) / L in float64: softmax over experts per (token, group),
+    p̄ = mean over tokens and groups, cv² = unbiased variance / (mean² + 1e-10)."""
+    r = router.detach().double().clone().requires_grad_(True)
+    logits = (x.reshape(-1, x.shape[-1]).double() @ r.T).reshape(-1, groups, r.shape[0] // groups)
+    p_bar = torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1]).mean(0)
+    value = alpha * p_bar.var(unbiased=True) / (p_bar.mean() ** 2 + 1e-10) / layers
+    value.backward()
+    return float(value.detach()), r.grad
+
+
+def _component(blc_grad: bool):
+    layer, _ = make(routing_groups=2, blc_alpha=0.3, blc_grad=blc_grad)
+    return layer
+
+
+def _block(blc_grad: bool):
+    torch.manual_seed(0)
+    return BlockAdapter(
+        nn.Linear(D_IN, D_IN), "blocks.0.mlp", AdapterContext(), dim=D_IN, rank=RANK, alpha=ALPHA,
+        num_heads=HEADS, routing_groups=2, blc_alpha=0.3, blc_grad=blc_grad,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("build", [_component, _block], ids=["component", "block"])
+@pytest.mark.parametrize("blc_grad", [False, True])
+def test_blc_grad_decides_whether_the_balance_loss_reaches_the_router(build, blc_grad: bool) -> None:
+    """blc_grad=false (the released scripts' effective BLC under reentrant checkpointing): the balance value
+    is there but the router's gradient is that of the task loss alone; true: plus ∇ of the BLC."""
+    layer = build(blc_grad)
+    layer.context.num_layers = 4
+    randomise(layer)
+    x = torch.randn(2, 5, D_IN)
+
+    def router_grad(train: bool) -> torch.Tensor:
+        layer.train(train)
+        layer.zero_grad()
+        layer.context.begin()
+        out = layer(x)
+        loss = 1e-3 * out.square().mean()  # small, so that fp32 round-off of the difference stays small
+        aux = layer.context.total_aux_loss()
+        assert (aux is not None) == train
+        (loss if aux is None else loss + aux).backward()
+        return layer.lora_router.grad.clone()
+
+    with_blc = router_grad(train=True)  # dropout is 0: train and eval forwards are the same
+    task_only = router_grad(train=False)
+    value, expected = _reference_balance_grad(x, layer.lora_router, 2, 0.3, 4)
+    layer.train()
+    layer.context.begin()
+    layer(x)
+    (aux,) = layer.context.aux_losses.values()
+    assert float(aux.detach()) == pytest.approx(value, rel=1e-5) and value > 1e-4  # computed in both cases
+    assert aux.requires_grad == blc_grad
+    assert float(expected.abs().max()) > 1e-4 and float(task_only.abs().max()) > 1e-4
+    if blc_grad:
+        torch.testing.assert_close((with_blc - task_only).double(), expected, rtol=1e-4, atol=1e-7)
+    else:
+        assert torch.equal(with_blc, task_only)
+
+
+def test_paper_presets_run_the_codes_inert_blc_and_spectral_step_weight() -> None:
+    """Every mtLoRA preset: blc_grad=false [code]; spectral step weight λ/GA equal to the scripts' (BBH λ 1.0 at
+    GA 2 every 500 steps, Dolly->MMLU λ 0.5 at GA 1 every 280 steps); the method default keeps the BLC active."""
+    assert compose_train(["adapter=mtlora"]).adapter.blc_grad is True
+    root = Path(__file__).resolve().parents[2] / "conf" / "experiment" / "mtlora"
+    seen = 0
+    for f in sorted(root.glob("*/*.yaml")):
+        cfg = compose_train([f"experiment=mtlora/{f.parent.name}/{f.stem}"])
+        if cfg.adapter.method != "mtlora":
+            continue
+        seen += 1
+        assert cfg.adapter.blc_grad is False, f
+        spec = cfg.adapter.spectral
+        if spec.mode == "none":
+            continue
+        script = (1.0, 2, 500) if f.stem.endswith("bbh") else (0.5, 1, 280)
+        ga = cfg.train.gradient_accumulation_steps
+        assert spec["lambda"] / ga == pytest.approx(script[0] / script[1]), f
+        assert spec.every_steps == script[2], f
+        assert cfg.train.micro_batch_size * ga == 32, f  # the scripts' 32 rows per step: same firing steps
+    assert seen == 12
 
 
 def test_router_is_fp32_and_sums_to_one_per_group_for_bf16_inputs() -> None:
