@@ -20,6 +20,13 @@ Router/gate parameters are the trainable tensors named in :data:`ROUTER_PARAMS` 
 HydraLoRA, R-LoRA, MoLoRA and mtLoRA; MOELoRA's task embedding and gate; MTL-LoRA's task mixing logits).
 Papers differ on counting them: HydraLoRA's 0.341% (r=8 on q,v, 10 heads, LLaMA-2-7B) excludes the router,
 ``trainable % w/o router`` = ``(trainable − router) / (total − router)``; mtLoRA's 39.8 M includes it.
+
+LoraHub (``adapter.method=lorahub``) trains nothing: the table's trainable count is the one composed LoRA,
+while the papers count the library of ``K`` LoRAs it composes (HydraLoRA's 1.240% = 20 LoRAs r=8 on q,v;
+mtLoRA's 75.5M = 9 LoRAs r=16 on q,v). The table adds ``K``, ``K × trainable`` and its share
+``K·t / (base + K·t)``. ``K`` is ``adapter.num_modules`` when set, else the number of library run dirs found
+(``adapter.library`` / ``library_glob``), else one LoRA per task of the data mixture (what ``make lorahub``
+builds); the row says which.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.adapters.inject import adapter_layers, inject_adapters
+from mtlora.data.build import selected_tasks
+from mtlora.errors import ConfigError
+from mtlora.lorahub import resolve_library
 from mtlora.models.loading import count_parameters, meta_model
 from mtlora.utils.resolvers import register_resolvers
 
@@ -58,7 +68,7 @@ def count(cfg: DictConfig) -> dict[str, Any]:
     layers = adapter_layers(model)
     router = _router_parameters(model)
     rest = params["trainable"] - router
-    return {
+    res = {
         "model": cfg.model.name,
         "adapter": cfg.adapter.name,
         "rank": cfg.adapter.get("rank"),
@@ -72,6 +82,27 @@ def count(cfg: DictConfig) -> dict[str, Any]:
         "adapted_modules": len(layers),
         "adapted_kinds": sorted({n.rsplit(".", 1)[-1] for n in layers}),
     }
+    if cfg.adapter.get("method") == "lorahub":
+        k, source = lorahub_library_size(cfg)
+        lib = k * params["trainable"]
+        res.update(
+            library_modules=k,
+            library_source=source,
+            library_trainable=lib,
+            library_pct=100.0 * lib / (base + lib),
+        )
+    return res
+
+
+def lorahub_library_size(cfg: DictConfig) -> tuple[int, str]:
+    """``K``, the LoRAs a LoraHub config composes, and where the number comes from (module doc)."""
+    a = cfg.adapter
+    if a.get("num_modules") is not None:
+        return int(a.num_modules), "adapter.num_modules"
+    try:
+        return len(resolve_library(a)), "library run dirs"
+    except ConfigError:
+        return len(selected_tasks(cfg.data)), "one per data task"
 
 
 def _router_parameters(model) -> int:
@@ -108,6 +139,12 @@ def format_table(res: dict[str, Any]) -> str:
         ("router/gate parameters", f"{res['router']:,}"),
         ("trainable % w/o router", f"{res['trainable_pct_no_router']:.4f}%"),
     ]
+    if "library_modules" in res:  # LoraHub: the composed LoRA above, the library it composes here
+        rows += [
+            ("LoraHub library LoRAs", f"{res['library_modules']} ({res['library_source']})"),
+            ("library parameters", f"{res['library_trainable']:,}"),
+            ("library % (K x trainable)", f"{res['library_pct']:.4f}%"),
+        ]
     w = max(len(k) for k, _ in rows)
     v = max(len(val) for _, val in rows)
     sep = f"+-{'-' * w}-+-{'-' * v}-+"

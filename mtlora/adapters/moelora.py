@@ -3,15 +3,20 @@
 For a row of task ``t``:
 
 .. math::
-    h = W_0 x + s \\sum_{i=1}^{E} \\omega_i(t)\\, B_i A_i\\, \\mathrm{drop}(x), \\qquad
+    h = W_0 x + s \\sum_{i=1}^{E} \\omega_i(t)\\, B_i A_i\\, \\mathrm{drop}_i(x), \\qquad
     \\omega(t) = \\mathrm{softmax}(W_g\\, \\mathrm{Emb}[t])
 
 * ``E = num_experts`` experts of rank ``r/E`` each (``rank`` is the total; must divide evenly): ``A_i`` are
   the row blocks of ``lora_A ∈ R^{r×d_in}`` (``N(0, 0.01²)``), ``B_i`` the column blocks of
   ``lora_B ∈ R^{d_out×r}`` (zeros), so every expert runs in one matmul;
-* the gate reads the task, not the token: a per-layer task embedding ``Emb ∈ R^{T×task_embed_dim}``
-  (``lora_task_embedding``, ``N(0, 1)`` as nn.Embedding) and a bias-free ``W_g ∈ R^{E×task_embed_dim}``
-  (``lora_gate``, kaiming-uniform(a=√5) as nn.Linear), gate logits and softmax in fp32;
+* ``drop_i`` (``dropout_place``): ``input_per_head`` — an independent dropout mask of the input per expert
+  (the official MOELoRA and MTL-LoRA code call the dropout inside their expert loop); ``input_shared`` — one
+  mask for all experts (mtLoRA's copy of MOELoRA);
+* the gate reads the task, not the token: a per-layer task embedding ``Emb`` (``lora_task_embedding``,
+  ``N(0, 1)`` as nn.Embedding) and a bias-free ``W_g ∈ R^{E×task_embed_dim}`` (``lora_gate``,
+  kaiming-uniform(a=√5) as nn.Linear), gate logits and softmax in fp32. ``Emb`` has ``T + 1`` rows
+  (``task_embedding_rows=tasks_plus_one``, as every released MOELoRA) or ``T`` (``tasks``); task ``t`` reads
+  row ``t`` (``0 ≤ t < T``), so the extra row ``T`` is never read and never trained;
 * ``s = α/r`` over the total rank (``α/√r`` with ``use_rslora``).
 
 Each row uses its own task id (``context.task_ids``, required in train and eval). Not mergeable for all
@@ -34,11 +39,21 @@ from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
 from mtlora.adapters.mtl_lora import TaskAwareLayer
 
+#: input_per_head: one dropout mask per expert; input_shared: one mask for all experts
+DROPOUT_PLACES = ("input_per_head", "input_shared")
+#: rows of the task embedding: T + 1 (the released code) or T
+EMBEDDING_ROWS = ("tasks_plus_one", "tasks")
+
 
 class MoeLoraLinear(TaskAwareLayer):
     method: ClassVar[str] = "moelora"
     required_keys: ClassVar[tuple[str, ...]] = ("num_tasks",)
-    defaults: ClassVar[dict] = {"num_experts": 4, "task_embed_dim": 64}
+    defaults: ClassVar[dict] = {
+        "num_experts": 4,
+        "task_embed_dim": 64,
+        "dropout_place": "input_per_head",
+        "task_embedding_rows": "tasks_plus_one",
+    }
 
     def __init__(
         self,
@@ -52,11 +67,15 @@ class MoeLoraLinear(TaskAwareLayer):
         use_rslora: bool = False,
         num_experts: int | None = None,
         task_embed_dim: int | None = None,
+        dropout_place: str | None = None,
+        task_embedding_rows: str | None = None,
     ) -> None:
         super().__init__(base_layer, name, context)
         d = self.defaults
         num_experts = d["num_experts"] if num_experts is None else num_experts
         task_embed_dim = d["task_embed_dim"] if task_embed_dim is None else task_embed_dim
+        dropout_place = d["dropout_place"] if dropout_place is None else dropout_place
+        rows = d["task_embedding_rows"] if task_embedding_rows is None else task_embedding_rows
         check_arg(name, "rank", rank, is_int(rank, 1), "an integer >= 1")
         check_arg(name, "num_tasks", num_tasks, is_int(num_tasks, 1), "an integer >= 1")
         check_arg(name, "num_experts", num_experts, is_int(num_experts, 1), "an integer >= 1")
@@ -68,6 +87,10 @@ class MoeLoraLinear(TaskAwareLayer):
             f"a multiple of adapter.num_experts={num_experts} (each expert gets rank/num_experts)",
         )
         check_arg(name, "task_embed_dim", task_embed_dim, is_int(task_embed_dim, 1), "an integer >= 1")
+        check_arg(
+            name, "dropout_place", dropout_place, dropout_place in DROPOUT_PLACES, f"one of {DROPOUT_PLACES}"
+        )
+        check_arg(name, "task_embedding_rows", rows, rows in EMBEDDING_ROWS, f"one of {EMBEDDING_ROWS}")
         self.rank = rank
         self.num_tasks = num_tasks
         self.num_experts = num_experts
@@ -76,12 +99,15 @@ class MoeLoraLinear(TaskAwareLayer):
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_place = dropout_place
+        self.task_embedding_rows = rows
+        n_rows = num_tasks + 1 if rows == "tasks_plus_one" else num_tasks
         dev = base_layer.weight.device
         f32 = torch.float32
         # expert i = rows [i·r_e, (i+1)·r_e) of A and the same columns of B
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=f32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=f32))
-        self.lora_task_embedding = nn.Parameter(torch.empty(num_tasks, task_embed_dim, device=dev, dtype=f32))
+        self.lora_task_embedding = nn.Parameter(torch.empty(n_rows, task_embed_dim, device=dev, dtype=f32))
         self.lora_gate = nn.Parameter(torch.empty(num_experts, task_embed_dim, device=dev, dtype=f32))
         self.reset_parameters()
 
@@ -100,10 +126,23 @@ class MoeLoraLinear(TaskAwareLayer):
             emb = self.lora_task_embedding.float()[task_ids]
             return torch.softmax(F.linear(emb, self.lora_gate.float()), dim=-1)
 
+    def _expert_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``z = [A_1 drop_1(x), …, A_E drop_E(x)]`` as ``(..., r)`` (expert ``i`` = block ``i`` of ``r/E``)."""
+        a = self.lora_A.to(x.dtype)
+        if self.dropout_place == "input_per_head" and self.training and self.dropout_p > 0:
+            e, r_e = self.num_experts, self.expert_rank
+            xs = self.lora_dropout(x.unsqueeze(-2).expand(*x.shape[:-1], e, x.shape[-1]))  # (..., E, d_in)
+            z = torch.einsum("...ed,erd->...er", xs, a.view(e, r_e, -1)).flatten(-2)
+            if self.context.capture:
+                self.capture("lora_A", F.linear(x, a))
+            return z
+        z = F.linear(self.lora_dropout(x), a)  # (..., r): all experts at once, one mask
+        self.capture("lora_A", z)
+        return z
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.row_task_ids(x)
-        z = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (B, ..., r): all experts at once
-        self.capture("lora_A", z)
+        z = self._expert_inputs(x)
         w = self.gate_weights(ids).to(z.dtype).repeat_interleave(self.expert_rank, dim=-1)  # (B, r)
         w = w.view(x.shape[0], *([1] * (z.ndim - 2)), self.rank)
         return F.linear(z * w, self.lora_B.to(z.dtype)) * self.scaling
@@ -118,5 +157,6 @@ class MoeLoraLinear(TaskAwareLayer):
         return (
             f"rank={self.rank}, num_tasks={self.num_tasks}, num_experts={self.num_experts} "
             f"(rank {self.expert_rank} each), task_embed_dim={self.task_embed_dim}, "
-            f"scaling={self.scaling:g}, dropout={self.dropout_p}"
+            f"scaling={self.scaling:g}, dropout={self.dropout_p}@{self.dropout_place}, "
+            f"embedding rows={self.lora_task_embedding.shape[0]}"
         )

@@ -23,9 +23,9 @@ Init (``init``): ``zero_B`` — ``A`` kaiming-uniform(a=√5), every ``B_i = 0``
 R-LoRA's multi-head random init: ``A ~ N(0, 1/max(r, d_in))``, each ``B_i ~ N(0, 1/max(d_out, r))`` drawn
 independently, then the "stable" scaling with ``γ = stable_gamma`` (``init_scale``):
 
+* ``code`` (reinit.py as released; the default): factor ``f = r^{1/4}/√γ``, ``A`` times ``f^N`` and ``B_i``
+  times ``f^{N-i}`` (``i = 0..N-1``; the scaling sits inside the head loop);
 * ``paper`` (v1 Table 1): ``A`` and every ``B_i`` times ``d_out^{1/4}/√γ`` once;
-* ``code`` (reinit.py as released): factor ``f = r^{1/4}/√γ``, ``A`` times ``f^N`` and ``B_i`` times
-  ``f^{N-i}`` (``i = 0..N-1``; the scaling sits inside the head loop);
 * ``none``: the plain "unit" Gaussians.
 
 The router ``W_r`` is kaiming-uniform(a=√5) in every case. Adapter tensors are fp32 (the project
@@ -67,7 +67,7 @@ class MultiHeadLoraLinear(AdapterLayer):
     defaults: ClassVar[dict] = {
         "dropout_place": "input_per_head",
         "init": "zero_B",
-        "init_scale": "paper",
+        "init_scale": "code",
         "stable_gamma": 64.0,
         "init_offset": True,
         "combine": "sum",
@@ -165,21 +165,26 @@ class MultiHeadLoraLinear(AdapterLayer):
             self.lora_offset_B.copy_(self.lora_B.sum(0) * coef)
 
     def _rlora_init(self) -> None:
-        """R-LoRA multi-head random init (methods.md §2, steps 1-2); the offset is set by the caller."""
+        """R-LoRA multi-head random init (methods.md §2, steps 1-2); the offset is set by the caller.
+
+        Draw order as the released ``reinit.py``: ``A`` first, then ``B_0 … B_{N-1}``, one draw per head.
+        ``code`` scales inside the head loop as that code does: after drawing ``B_i``, ``A`` and the heads
+        drawn so far are multiplied by ``f = r^{1/4}/√γ`` (so ``A·f^N``, ``B_i·f^{N-i}``), one fp32
+        multiplication at a time, which keeps the result bit-identical to the code's.
+        """
         r, n = self.rank, self.num_heads
         d_in, d_out = self.in_features, self.out_features
-        nn.init.normal_(self.lora_A, 0.0, 1.0 / math.sqrt(max(r, d_in)))
-        nn.init.normal_(self.lora_B, 0.0, 1.0 / math.sqrt(max(d_out, r)))  # every head its own draw
         gamma = self.stable_gamma
+        f = r**0.25 / math.sqrt(gamma) if self.init_scale == "code" else d_out**0.25 / math.sqrt(gamma)
+        nn.init.normal_(self.lora_A, 0.0, 1.0 / math.sqrt(max(r, d_in)))
+        for i in range(n):  # every head its own draw (breaks the head symmetry)
+            nn.init.normal_(self.lora_B[i], 0.0, 1.0 / math.sqrt(max(d_out, r)))
+            if self.init_scale == "code":
+                self.lora_A.mul_(f)
+                self.lora_B[: i + 1].mul_(f)
         if self.init_scale == "paper":
-            f = d_out**0.25 / math.sqrt(gamma)
             self.lora_A.mul_(f)
             self.lora_B.mul_(f)
-        elif self.init_scale == "code":
-            f = r**0.25 / math.sqrt(gamma)
-            self.lora_A.mul_(f**n)
-            powers = torch.arange(n, 0, -1, dtype=torch.float64)  # N-i for i = 0..N-1
-            self.lora_B.mul_((f**powers).to(self.lora_B.dtype).view(n, 1, 1))
 
     # ---------------------------------------------------------------- forward
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mtlora.adapters.moelora import DROPOUT_PLACES as MOE_DROPOUT_PLACES
+from mtlora.adapters.moelora import EMBEDDING_ROWS
 from mtlora.adapters.mtl_lora import LAMBDA_FORMATS
 from mtlora.adapters.multihead import COMBINES, DROPOUT_PLACES, INIT_SCALES, INITS, MultiHeadLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
@@ -257,8 +259,10 @@ def validate_config(cfg: DictConfig) -> None:
     cls = ADAPTER_METHODS.get(cfg.adapter.get("method"))
     if c.get("adapter.num_heads") is not _MISSING or (cls and issubclass(cls, MultiHeadLoraLinear)):
         c.int_("adapter.num_heads", 1)
+    # MOELoRA's dropout is on its input only: one mask per expert or one shared
+    places = MOE_DROPOUT_PLACES if cfg.adapter.get("method") == "moelora" else DROPOUT_PLACES
     for key, values in (
-        ("dropout_place", DROPOUT_PLACES),
+        ("dropout_place", places),
         ("init", INITS),
         ("init_scale", INIT_SCALES),
         ("combine", COMBINES),
@@ -288,6 +292,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("num_up", "num_experts", "task_embed_dim"):
         if c.get(f"adapter.{key}") is not _MISSING:
             c.int_(f"adapter.{key}", 1)
+    if c.get("adapter.task_embedding_rows") is not _MISSING:
+        c.choice("adapter.task_embedding_rows", EMBEDDING_ROWS)
     if c.get("adapter.tau") is not _MISSING:
         c.num("adapter.tau", 0, lo_open=True)
     if c.get("adapter.lambda_format") is not _MISSING:

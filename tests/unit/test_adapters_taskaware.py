@@ -196,7 +196,7 @@ def test_mtl_lora_defaults_and_init() -> None:
 def test_moelora_experts_split_the_rank_and_gate_reads_the_task() -> None:
     layer, _, ctx = make(MoeLoraLinear, rank=6, num_experts=3)
     assert layer.expert_rank == 2 and layer.lora_A.shape == (6, D_IN) and layer.lora_B.shape == (D_OUT, 6)
-    assert layer.lora_gate.shape == (3, 5) and layer.lora_task_embedding.shape == (TASKS, 5)
+    assert layer.lora_gate.shape == (3, 5) and layer.lora_task_embedding.shape == (TASKS + 1, 5)
     assert layer.lora_A.std().item() == pytest.approx(0.01, rel=0.3)  # N(0, 0.01²)
     randomise(layer)
     w = layer.gate_weights(ids_of(0, 1, 2, 1))
@@ -206,6 +206,109 @@ def test_moelora_experts_split_the_rank_and_gate_reads_the_task() -> None:
     assert (w[0] - w[1]).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="adapter.rank=6.*multiple of adapter.num_experts=4"):
         make(MoeLoraLinear, rank=6, num_experts=4)
+
+
+def _masks(seed: int, shape, p: float) -> torch.Tensor:
+    """The dropout masks (0 or 1/(1-p)) that a dropout call of ``shape`` draws right after ``manual_seed``."""
+    torch.manual_seed(seed)
+    return torch.nn.functional.dropout(torch.ones(shape), p=p, training=True)
+
+
+def moe_dropout_reference(x, base, layer, task_ids, masks) -> torch.Tensor:
+    """Row by row and expert by expert: W0 x + s Σ_i ω_i(t) B_i A_i (x ⊙ m_i); ``masks`` is (…, E, d_in)
+    (one mask per expert) or (…, d_in) (one shared mask)."""
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    emb, gate = layer.lora_task_embedding.detach(), layer.lora_gate.detach()
+    re, e = layer.expert_rank, layer.num_experts
+    per_expert = masks.shape[-2] == e and masks.ndim == x.ndim + 1
+    out = base_out(x, base)
+    for row in range(x.shape[0]):
+        logits = gate @ emb[int(task_ids[row])]
+        w = torch.exp(logits) / torch.exp(logits).sum()
+        for i in range(e):
+            m = masks[row, ..., i, :] if per_expert else masks[row]
+            ai, bi = a[i * re : (i + 1) * re], b[:, i * re : (i + 1) * re]
+            out[row] = out[row] + layer.scaling * w[i] * (((x[row] * m) @ ai.T) @ bi.T)
+    return out
+
+
+@pytest.mark.parametrize("place", ["input_per_head", "input_shared"])
+def test_moelora_dropout_masks_per_expert_or_shared(place: str) -> None:
+    """input_per_head: an independent input mask per expert (MOELoRA's and MTL-LoRA's released code call the
+    dropout inside the expert loop); input_shared: one mask for every expert (mtLoRA's copy)."""
+    p, e = 0.5, 3
+    layer, base, ctx = make(MoeLoraLinear, rank=6, num_experts=e, dropout=p, dropout_place=place)
+    randomise(layer)
+    x = torch.randn(4, 7, D_IN)
+    ids = ids_of(2, 0, 1, 2)
+    ctx.begin(task_ids=ids)
+    layer.eval()
+    clean = moe_reference(x, base, layer, ids)
+    torch.testing.assert_close(layer(x), clean, atol=1e-5, rtol=1e-5)  # eval: no dropout
+    layer.train()
+    torch.manual_seed(11)
+    out = layer(x)
+    shape = (4, 7, e, D_IN) if place == "input_per_head" else (4, 7, D_IN)
+    m = _masks(11, shape, p)
+    torch.testing.assert_close(out, moe_dropout_reference(x, base, layer, ids, m), atol=1e-5, rtol=1e-5)
+    assert (out - clean).abs().max() > 1e-2
+    if place == "input_per_head":  # independent masks per expert
+        assert not torch.equal(m[..., 0, :], m[..., 1, :])
+        # and not the shared-mask output
+        shared = moe_dropout_reference(x, base, layer, ids, _masks(11, (4, 7, D_IN), p))
+        assert (out - shared).abs().max() > 1e-2
+    # gradients reach A through the per-expert masks (B is trained too)
+    out.sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", ["tasks_plus_one", "tasks"])
+def test_moelora_task_embedding_rows_and_the_row_each_task_reads(rows: str) -> None:
+    """T + 1 rows (as every released MOELoRA) or T; task t reads row t; row T is never read or trained."""
+    layer, base, ctx = make(MoeLoraLinear, num_experts=2, task_embed_dim=5, task_embedding_rows=rows)
+    n_rows = TASKS + 1 if rows == "tasks_plus_one" else TASKS
+    assert layer.lora_task_embedding.shape == (n_rows, 5)
+    randomise(layer)
+    emb, gate = layer.lora_task_embedding.detach(), layer.lora_gate.detach()
+    for t in range(TASKS):
+        logits = gate @ emb[t]
+        want = torch.exp(logits) / torch.exp(logits).sum()
+        torch.testing.assert_close(layer.gate_weights(ids_of(t))[0], want, atol=1e-6, rtol=1e-6)
+    x = torch.randn(3, 4, D_IN)
+    ids = ids_of(0, 1, 2)
+    ctx.begin(task_ids=ids)
+    layer.eval()
+    out = layer(x)
+    torch.testing.assert_close(out, moe_reference(x, base, layer, ids), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    grad = layer.lora_task_embedding.grad
+    assert (grad[:TASKS].abs().sum(-1) > 0).all()  # every task's row is trained
+    if rows == "tasks_plus_one":
+        assert torch.count_nonzero(grad[TASKS]) == 0  # the extra row: no gradient
+        dws = [layer.merged_delta_weight(t) for t in range(TASKS)]
+        with torch.no_grad():
+            layer.lora_task_embedding[TASKS].add_(100.0)
+        torch.testing.assert_close(layer(x), out, atol=0, rtol=0)
+        for t in range(TASKS):  # the per-task merged weights do not read it either
+            torch.testing.assert_close(layer.merged_delta_weight(t), dws[t], atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 3\)"):
+        ctx.begin(task_ids=ids_of(0, 1, TASKS))
+        layer(x)
+
+
+def test_moelora_defaults_and_presets_follow_the_released_code() -> None:
+    cfg = compose_train(["adapter=moelora"]).adapter
+    assert (cfg.dropout_place, cfg.task_embedding_rows) == ("input_per_head", "tasks_plus_one")
+    trimmed = OmegaConf.masked_copy(cfg, ["rank", "alpha", "dropout", "use_rslora", "num_tasks"])
+    layer = ADAPTER_METHODS["moelora"].from_config(nn.Linear(D_IN, D_OUT), "x", AdapterContext(), trimmed)
+    assert (layer.dropout_place, layer.task_embedding_rows) == ("input_per_head", "tasks_plus_one")
+    for preset, place in (
+        ("mtl_lora/commonsense/moelora", "input_per_head"),  # MTL-LoRA's src/adapter/moelora.py
+        ("mtlora/main/mmoelora_bbh", "input_shared"),  # mtLoRA's peft/tuners/mmoelora.py
+        ("mtlora/main/mmoelora_mmlu", "input_shared"),
+    ):
+        a = compose_train([f"experiment={preset}"]).adapter
+        assert (a.method, a.dropout_place, a.task_embedding_rows) == ("moelora", place, "tasks_plus_one")
 
 
 class _CountCalls(TorchFunctionMode):
@@ -398,6 +501,11 @@ def test_bf16_base_with_fp32_adapter_and_autocast(method: str) -> None:
             "adapter.rank=8: must be a multiple of adapter.num_experts=3",
         ),
         (["adapter=dora", "adapter.detach_norm=1"], "adapter.detach_norm=1"),
+        (
+            ["adapter=moelora", "adapter.dropout_place=A_out_per_head"],
+            "adapter.dropout_place='A_out_per_head'",
+        ),
+        (["adapter=moelora", "adapter.task_embedding_rows=all"], "adapter.task_embedding_rows='all'"),
     ],
 )
 def test_bad_task_aware_values_name_the_key(overrides: list[str], expected: str, tmp_path: Path) -> None:
@@ -512,7 +620,19 @@ def test_registry_and_meta_device_layers_build() -> None:
     moe = MoeLoraLinear(
         base, "x", ctx, rank=RANK, alpha=ALPHA, num_tasks=TASKS, num_experts=2, task_embed_dim=5
     )
-    assert n(moe) == RANK * (D_IN + D_OUT) + TASKS * 5 + 2 * 5
+    assert n(moe) == RANK * (D_IN + D_OUT) + (TASKS + 1) * 5 + 2 * 5  # T + 1 embedding rows
+    moe_t = MoeLoraLinear(
+        base,
+        "x",
+        ctx,
+        rank=RANK,
+        alpha=ALPHA,
+        num_tasks=TASKS,
+        num_experts=2,
+        task_embed_dim=5,
+        task_embedding_rows="tasks",
+    )
+    assert n(moe_t) == RANK * (D_IN + D_OUT) + TASKS * 5 + 2 * 5
 
 
 @pytest.mark.parametrize("name", ["mtl_lora", "moelora"])

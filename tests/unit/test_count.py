@@ -102,11 +102,11 @@ def test_router_parameters_are_shown_apart_hydralora_paper_share() -> None:
 
 @pytest.mark.parametrize(
     ("adapter", "router_per_layer"),
-    [("lora", 0), ("mlora", 0), ("moelora", 4 * 64 + 4 * 64), ("mtl_lora", 4 * 3)],
+    [("lora", 0), ("mlora", 0), ("moelora", (4 + 1) * 64 + 4 * 64), ("mtl_lora", 4 * 3)],
 )
 def test_router_count_per_adapter(adapter: str, router_per_layer: int) -> None:
-    """Task gates count as router: MOELoRA's task embedding (tasks x 64) and gate (experts x 64), MTL-LoRA's
-    task mixing logits (tasks x up-projections); 4 tasks in the default mixture."""
+    """Task gates count as router: MOELoRA's task embedding ((tasks + 1) x 64, as the released code) and gate
+    (experts x 64), MTL-LoRA's task mixing logits (tasks x up-projections); 4 tasks in the default mixture."""
     cfg = compose_train(["model=llama2-7b", f"adapter={adapter}", "adapter.target_modules=[q_proj,v_proj]"])
     res = count(cfg)
     assert res["router"] == 64 * router_per_layer
@@ -114,3 +114,53 @@ def test_router_count_per_adapter(adapter: str, router_per_layer: int) -> None:
         assert res["trainable_pct_no_router"] == pytest.approx(res["trainable_pct"])
     else:
         assert res["trainable_pct_no_router"] < res["trainable_pct"]
+
+
+# ---------------------------------------------------------------- LoraHub: the composed LoRA and its library
+
+# LLaMA-2-7B from its shapes: untied embedding and lm_head (32000 x 4096), 32 layers of q,k,v,o (4096²),
+# gate/up/down (4096 x 11008) and two RMSNorms, the final norm
+LLAMA2_7B = 2 * 32000 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+QV_LORA = lambda r: 32 * 2 * r * (4096 + 4096)  # noqa: E731  r x (d_in + d_out) on q and v of 32 layers
+
+
+@pytest.mark.parametrize(
+    ("preset", "k", "rank", "reported_pct"),
+    [
+        # HydraLoRA Table 3 / Align-LoRA Table 2: LoraHub 1.240% = 20 LoRAs r=8 on q,v ("infer 20/20"); the
+        # paper multiplied the rounded LoRA share (20 x 0.062), the exact count is 1.2296%
+        ("hydralora/t3/lorahub", 20, 8, 1.23),
+        # mtLoRA main table: LoRAHub 75.5M (1.11%) = 9 LoRAs r=16 on q,v
+        ("mtlora/main/lorahub_bbh", 9, 16, 1.11),
+    ],
+)
+def test_lorahub_count_shows_the_composed_lora_and_the_library(preset, k, rank, reported_pct) -> None:
+    res = count(compose_train([f"experiment={preset}", f"adapter.num_modules={k}"]))
+    assert res["base"] == LLAMA2_7B
+    assert res["trainable"] == QV_LORA(rank)  # the one composed LoRA
+    assert (res["library_modules"], res["library_source"]) == (k, "adapter.num_modules")
+    assert res["library_trainable"] == k * QV_LORA(rank)
+    assert res["library_pct"] == pytest.approx(100 * k * QV_LORA(rank) / (LLAMA2_7B + k * QV_LORA(rank)))
+    assert round(res["library_pct"], 2) == reported_pct
+    table = format_table(res)
+    assert table_value(table, "trainable parameters") == f"{QV_LORA(rank):,}"
+    assert table_value(table, "LoraHub library LoRAs") == f"{k} (adapter.num_modules)"
+    assert table_value(table, "library parameters") == f"{k * QV_LORA(rank):,}"
+    assert table_value(table, "library % (K x trainable)") == f"{res['library_pct']:.4f}%"
+    assert len({len(line) for line in table.splitlines()}) == 1
+
+
+def test_lorahub_library_size_from_run_dirs_else_one_per_data_task(tmp_path: Path) -> None:
+    base = ["model=llama2-7b", "adapter=lorahub", "adapter.target_modules=[q_proj,v_proj]"]
+    # no num_modules, no library on disk: one LoRA per task of the data mixture (4 synthetic tasks)
+    res = count(compose_train(base))
+    assert (res["library_modules"], res["library_source"]) == (4, "one per data task")
+    assert res["library_trainable"] == 4 * res["trainable"] == 4 * QV_LORA(8)
+    # library run dirs found: their number
+    for i in range(3):
+        (tmp_path / f"lib{i}").mkdir()
+    res = count(compose_train([*base, f"adapter.library_glob={tmp_path}/lib*"]))
+    assert (res["library_modules"], res["library_source"]) == (3, "library run dirs")
+    # other adapters: no library rows
+    assert "library_modules" not in count(compose_train(["model=llama2-7b", "adapter=lora"]))
+    assert "library" not in format_table(count(compose_train(["model=llama2-7b", "adapter=lora"])))

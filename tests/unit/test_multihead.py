@@ -36,6 +36,7 @@ from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
+from tests.helpers.compose import CONF as CONF_DIR
 from tests.helpers.compose import compose_train
 
 D_IN, D_OUT, RANK, HEADS, ALPHA = 16, 12, 4, 3, 8.0
@@ -259,7 +260,9 @@ def test_each_method_defaults_to_its_documented_dropout_place_and_init() -> None
         layer2 = ADAPTER_METHODS[method].from_config(nn.Linear(D_IN, D_OUT), "x", ctx, trimmed)
         assert (layer2.dropout_place, layer2.init) == (place, init), method
     assert compose_train(["adapter=mlora"]).adapter.combine == "sum"  # paper §3.1
-    assert compose_train(["adapter=rlora"]).adapter.init_scale == "paper"
+    # the released reinit.py's scaling (methods.md §2, §12.3)
+    assert compose_train(["adapter=rlora"]).adapter.init_scale == "code"
+    assert compose_train(["adapter=mlora"]).adapter.init_scale == "code"
 
 
 # ---------------------------------------------------------------- init
@@ -331,6 +334,124 @@ def test_rlora_init_variants_differ_as_documented() -> None:
     assert f == pytest.approx(0.177, abs=1e-3)
     assert std["code"][0] * math.sqrt(BIG_IN) == pytest.approx(f**5, rel=0.05)
     assert code_b[4] * math.sqrt(BIG_OUT) == pytest.approx(f, rel=0.05)
+
+
+def reinit_replay(
+    seed: int, d_in: int, d_out: int, r: int, n: int, gamma: float, routed: bool, stable: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """R-LoRA's released ``reinit.py`` (lora_A_init = lora_B_init = "unit", init_scale = "stable"), replayed
+    on plain tensors from ``torch.manual_seed(seed)``: returns ``A (r, d_in)``, ``B (N, d_out, r)``, router.
+
+    The layer draws its router (kaiming-uniform, a=√5) first; then the code's order: ``A ~ N(0, 1/max(r,
+    d_in))``, then for each head i: ``B_i ~ N(0, 1/max(d_out, r))`` (its own draw, an nn.Linear(r, d_out)
+    weight), followed — inside that same loop — by ``A *= r^{1/4}/√γ`` and ``B_j *= r^{1/4}/√γ`` for every
+    head j (heads j > i are drawn afresh later, so only B_0..B_i keep it).
+    """
+    torch.manual_seed(seed)
+    router = None
+    if routed:
+        router = torch.empty(n, d_in)
+        nn.init.kaiming_uniform_(router, a=math.sqrt(5))
+    a = torch.zeros(r, d_in)
+    heads = [torch.zeros(d_out, r) for _ in range(n)]
+    rows_b, cols_b = heads[0].shape  # (d_out, r)
+    rows_a, cols_a = a.shape  # (r, d_in)
+    a.normal_(0.0, 1.0 / max(rows_a, cols_a) ** 0.5)
+    for i in range(n):
+        heads[i].normal_(0.0, 1.0 / max(rows_b, cols_b) ** 0.5)
+        if stable:
+            a *= rows_a**0.25 / gamma**0.5  # rows of A = r
+            for j in range(n):
+                heads[j] *= cols_b**0.25 / gamma**0.5  # columns of B = r
+    return a, torch.stack(heads), router
+
+
+def _rlora_init_presets() -> list[str]:
+    """Presets whose adapter uses R-LoRA's random init (adapter rlora/mlora and no other ``init``)."""
+    out = []
+    for path in sorted((CONF_DIR / "experiment").glob("*/*/*.yaml")):
+        raw = OmegaConf.load(path)
+        chosen = [d["override /adapter"] for d in raw.get("defaults", []) if "override /adapter" in d]
+        if not chosen:
+            continue
+        init = OmegaConf.select(raw, "adapter.init")
+        if init is None:
+            init = OmegaConf.load(CONF_DIR / "adapter" / f"{chosen[0]}.yaml").get("init")
+        if init == "rlora":
+            out.append(str(path.relative_to(CONF_DIR / "experiment").with_suffix("")))
+    return out
+
+
+RLORA_INIT_PRESETS = _rlora_init_presets()
+# odd widths: d_out·r is no multiple of 16, where one normal_ call over all heads would draw different
+# numbers than one call per head (torch's CPU normal_ fills 16 values at a time)
+ODD_IN, ODD_OUT = 37, 29
+
+
+def test_the_rlora_init_presets_are_found() -> None:
+    assert len(RLORA_INIT_PRESETS) >= 15
+    for p in ("align_lora/t1/rlora", "align_lora/t2/mlora", "rlora/t4/rlora", "rlora/t5/hydralora_init"):
+        assert p in RLORA_INIT_PRESETS
+    assert "align_lora/t1/hydralora_no_router" not in RLORA_INIT_PRESETS  # zero-B init
+
+
+@pytest.mark.parametrize("source", ["adapter=rlora", "adapter=mlora", *RLORA_INIT_PRESETS])
+def test_default_and_preset_init_equal_the_released_reinit_bit_for_bit(source: str) -> None:
+    """The method defaults and every R-LoRA/M-LoRA preset start from reinit.py's init at the same seed."""
+    over = [source] if source.startswith("adapter=") else [f"experiment={source}"]
+    cfg = compose_train(over).adapter
+    cls = ADAPTER_METHODS[cfg.method]
+    base = nn.Linear(ODD_IN, ODD_OUT)
+    seed = 7
+    torch.manual_seed(seed)
+    layer = cls.from_config(base, "blocks.0.up_proj", AdapterContext(), cfg)
+    a, b, router = reinit_replay(
+        seed, ODD_IN, ODD_OUT, cfg.rank, cfg.num_heads, float(cfg.stable_gamma), routed=cls.routed
+    )
+    assert torch.equal(layer.lora_A.detach(), a)
+    assert torch.equal(layer.lora_B.detach(), b)
+    if cls.routed:
+        assert torch.equal(layer.lora_router.detach(), router)
+    # the offset is the code's s·(1/N)·Σ_i B_i A (router) or s·c·Σ_i B_i A (no router), kept as buffers
+    coef = 1.0 / cfg.num_heads if cls.routed else layer.head_coef
+    off = layer.scaling * layer.lora_offset_B @ layer.lora_offset_A
+    torch.testing.assert_close(off, offset_matrix(a, b, layer.scaling, coef), atol=1e-9, rtol=1e-5)
+
+
+def test_unscaled_init_equals_the_codes_draws_without_the_stable_scaling() -> None:
+    base = nn.Linear(ODD_IN, ODD_OUT)
+    torch.manual_seed(3)
+    layer = RLoraLinear(base, "x", AdapterContext(), rank=4, alpha=32, num_heads=5, init_scale="none")
+    a, b, _ = reinit_replay(3, ODD_IN, ODD_OUT, 4, 5, 64.0, routed=True, stable=False)
+    assert torch.equal(layer.lora_A.detach(), a) and torch.equal(layer.lora_B.detach(), b)
+
+
+def test_paper_and_code_scales_differ_by_the_analytic_factors_at_qwen_up_proj() -> None:
+    """Qwen2.5-0.5B up_proj (896 -> 4864), r=4, N=5, γ=64: the paper's A is about 6,000x the code's."""
+    d_in, d_out, r, n, gamma = 896, 4864, 4, 5, 64.0
+    f_paper = d_out**0.25 / math.sqrt(gamma)  # once on A and on every B_i
+    f_code = r**0.25 / math.sqrt(gamma)  # A: f^N, B_i: f^(N-i)
+    ratio_a = f_paper / f_code**n
+    assert f_paper == pytest.approx(1.0439, abs=1e-4) and f_code == pytest.approx(0.17678, abs=1e-5)
+    assert ratio_a == pytest.approx(6048, rel=1e-3)  # "about 6,000x"
+    # the two layers share their draws (same seed), so each tensor differs by exactly these factors
+    layers = {}
+    for scale in ("paper", "code"):
+        torch.manual_seed(0)
+        layers[scale] = RLoraLinear(
+            nn.Linear(d_in, d_out, bias=False),
+            "x",
+            AdapterContext(),
+            rank=r,
+            alpha=32,
+            num_heads=n,
+            init_scale=scale,
+        )
+    p, c = layers["paper"], layers["code"]
+    torch.testing.assert_close(p.lora_A.detach(), c.lora_A.detach() * ratio_a, rtol=1e-5, atol=0)
+    for i in range(n):
+        want = c.lora_B[i].detach() * (f_paper / f_code ** (n - i))
+        torch.testing.assert_close(p.lora_B[i].detach(), want, rtol=1e-5, atol=0)
 
 
 def test_mlora_offset_makes_initial_output_equal_to_base() -> None:
