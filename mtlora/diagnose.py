@@ -4,6 +4,8 @@ Loads the finished run with :func:`mtlora.load.load_run` and rebuilds its data f
 ``config_resolved.yaml`` (same tasks, splits and seed), then runs the diagnostics of the ``diagnostics``
 config group (``default`` unless given; every one of its ``which``, the schedule keys are ignored) on the
 run's training rows (gradient conflict, routing) and held-out rows (divergence, t-SNE of representations).
+The head-similarity increments (``B − B₀``) use the initial heads the training loop saved in the run dir
+(``init_heads.safetensors``); a run without that file reports them as null.
 Writes into the run dir: records with ``"source": "diagnose"`` appended to ``metrics/diagnostics.jsonl``
 and plots under ``plots/diagnostics/`` (``*_diagnose_step<N>.png``). Nothing else is written: no Hydra
 output dir, no ``.hydra/``, no log file (as :mod:`mtlora.count`) -- except the tracker's files below.

@@ -86,18 +86,81 @@ def task_batches(
     collated into batches of at most ``batch_size`` rows (:func:`mtlora.data.collate.collate`)."""
     out: dict[int, list[dict[str, torch.Tensor]]] = {}
     splits = data.train if split == "train" else data.eval
-    for t in range(len(splits)) if tasks is None else tasks:
+    for t, rows in _draw(data, split, rows_per_task, seed, tasks).items():
         ds = splits[t]
-        n = min(len(ds), int(rows_per_task))
-        if n == 0:
-            continue
-        rows = np.sort(np.random.default_rng([int(seed), int(t)]).choice(len(ds), n, replace=False))
-        batches = []
-        for s in range(0, n, batch_size):
-            chunk = [ds[int(i)] for i in rows[s : s + batch_size]]
-            batches.append(collate(chunk, [t] * len(chunk), data.pad_id))
-        out[t] = batches
+        out[t] = [
+            collate(
+                [ds[int(i)] for i in rows[s : s + batch_size]],
+                [t] * len(rows[s : s + batch_size]),
+                data.pad_id,
+            )
+            for s in range(0, len(rows), batch_size)
+        ]
     return out
+
+
+def _draw(data, split: str, rows_per_task: int, seed: int, tasks: list[int] | None = None):
+    """``{task: sorted row indices}``: ``rows_per_task`` rows of each task (fewer when the split is smaller)
+    drawn without replacement by a NumPy generator seeded with ``(seed, task id)``."""
+    splits = data.train if split == "train" else data.eval
+    out = {}
+    for t in range(len(splits)) if tasks is None else tasks:
+        n = min(len(splits[t]), int(rows_per_task))
+        if n:
+            out[t] = np.sort(
+                np.random.default_rng([int(seed), int(t)]).choice(len(splits[t]), n, replace=False)
+            )
+    return out
+
+
+def mixed_batches(
+    data, split: str, rows_per_task: int, batch_size: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """The rows of :func:`task_batches`, shuffled across tasks (seeded) into mixed-task batches of at most
+    ``batch_size`` rows, as a training batch mixes tasks."""
+    splits = data.train if split == "train" else data.eval
+    pool = [(t, int(i)) for t, rows in _draw(data, split, rows_per_task, seed).items() for i in rows]
+    order = np.random.default_rng([int(seed), 1 << 20]).permutation(len(pool))
+    pool = [pool[i] for i in order]
+    return [
+        collate([splits[t][i] for t, i in chunk], [t for t, _ in chunk], data.pad_id)
+        for chunk in (pool[s : s + batch_size] for s in range(0, len(pool), batch_size))
+    ]
+
+
+def collate_prompts(examples, task_ids, pad_id: int, side: str = "left") -> dict[str, torch.Tensor]:
+    """The prompt tokens only (``input_ids[:prompt_len]``) of tokenized examples, padded on ``side``:
+    ``input_ids``, ``attention_mask``, ``task_ids`` (no labels)."""
+    prompts = [list(e["input_ids"][: e["prompt_len"]]) for e in examples]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, sl] = torch.tensor(p, dtype=torch.long)
+        mask[i, sl] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "task_ids": torch.tensor(list(task_ids), dtype=torch.long),
+    }
+
+
+def pooled_prompt_batches(data, n: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` training rows drawn without replacement from the pool of every task's training rows (seeded),
+    as prompts only, left-padded, in batches of ``batch_size`` — mtLoRA's fig1a sample (500 rows of the
+    training file, batch 4, left padding)."""
+    pool = [(t, i) for t in range(len(data.train)) for i in range(len(data.train[t]))]
+    if not pool:
+        return []
+    pick = np.random.default_rng([int(seed), 1 << 21]).choice(
+        len(pool), min(int(n), len(pool)), replace=False
+    )
+    rows = [pool[int(j)] for j in pick]
+    return [
+        collate_prompts([data.train[t][i] for t, i in chunk], [t for t, _ in chunk], data.pad_id)
+        for chunk in (rows[s : s + batch_size] for s in range(0, len(rows), batch_size))
+    ]
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

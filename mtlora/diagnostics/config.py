@@ -53,6 +53,7 @@ def check_diagnostics_config(cfg: DictConfig | None) -> list[str]:
         "conflict.batches_per_task",
         "conflict.batch_size",
         "routing.max_examples_per_task",
+        "routing.max_examples",
         "routing.batch_size",
         "divergence.max_examples_per_task",
         "divergence.batch_size",
@@ -70,6 +71,13 @@ def check_diagnostics_config(cfg: DictConfig | None) -> list[str]:
             errs.append(
                 f"diagnostics.spectral.bands={_plain(bands)!r}: must be a list of [p0, p1] with 0 <= p0 < p1 <= 100"
             )
+    for key, allowed in (("spectral.edges", ("ceil", "floor")), ("routing.protocol", ("tokens", "notebook"))):
+        v = OmegaConf.select(cfg, key)
+        if v is not None and v not in allowed:
+            errs.append(f"diagnostics.{key}={v!r}: must be one of {list(allowed)}")
+    v = OmegaConf.select(cfg, "conflict.exclude_task_specific")
+    if v is not None and not isinstance(v, bool):
+        errs.append(f"diagnostics.conflict.exclude_task_specific={v!r}: must be true or false")
     perp = OmegaConf.select(cfg, "tsne.perplexity")
     if perp is not None and not (isinstance(perp, int | float) and not isinstance(perp, bool) and perp > 0):
         errs.append(f"diagnostics.tsne.perplexity={perp!r}: must be a number > 0")

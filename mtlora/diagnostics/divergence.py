@@ -11,6 +11,11 @@ For every pair of tasks ``s < t`` and layer ℓ, with the examples of each task 
 
 Reported: the mean over pairs and layers (``kl``, ``mmd``), the per-layer means, and the T×T matrices
 averaged over layers. Computed on held-out rows, in eval mode (no dropout), without gradients.
+
+The diagonal-Gaussian KL is a **sum over the r dimensions** of the representation, so it grows with the
+rank (and with the number of stacked heads where ``A x`` is stacked, e.g. MoLoRA's ``N·r``): methods of
+different rank are not comparable on ``kl``. ``kl_per_dim`` = ``KL_ℓ / r_ℓ`` (mean over pairs and layers),
+the mean per-dimension KL, is; ``dims`` gives ``r_ℓ`` per layer.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def representation_divergence(
 ) -> dict | None:
     """Mean pairwise symmetric KL and MMD² between the tasks' pooled representations (``None`` if < 2 tasks).
 
-    Tasks with fewer than 2 examples are left out (a variance needs 2). Returns ``{"tasks", "kl", "mmd",
+    Tasks with fewer than 2 examples are left out (a variance needs 2). Returns ``{"tasks", "kl",
+    "kl_per_dim", "dims", "note", "mmd",
     "kl_matrix", "mmd_matrix" (T×T, mean over layers, 0 on the diagonal), "layers": {name: {"kl", "mmd"}},
     "examples_per_task"}``."""
     tasks = [t for t in sorted(reps) if reps[t] and min(len(z) for z in reps[t].values()) >= 2]
@@ -74,9 +80,14 @@ def representation_divergence(
             mmd_m[li, a, b] = mmd_m[li, b, a] = float(mmd(x, y))
     iu = np.triu_indices(k, 1)
     names = [task_names[t] if task_names else str(t) for t in tasks]
+    dims = np.array([reps[tasks[0]][n].shape[-1] for n in layer_names], dtype=float)
     return {
         "tasks": names,
         "kl": float(kl_m[:, iu[0], iu[1]].mean()),
+        "kl_per_dim": float((kl_m[:, iu[0], iu[1]] / dims[:, None]).mean()),
+        "dims": {n: int(d) for n, d in zip(layer_names, dims)},
+        "note": "kl sums over the representation's dimensions (grows with the rank): compare methods of "
+        "different rank on kl_per_dim",
         "mmd": float(mmd_m[:, iu[0], iu[1]].mean()),
         "kl_matrix": kl_m.mean(0),
         "mmd_matrix": mmd_m.mean(0),

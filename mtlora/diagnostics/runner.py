@@ -15,7 +15,13 @@ happen on the main process with the model in eval mode (train mode restored afte
 ``torch.random.fork_rng``, and draw their rows with their own seeded NumPy generators, so a run with
 diagnostics logs the same training losses as one without. A diagnostic that does not apply to the
 run's adapter (head similarity without heads, routing without a token router, ...) is skipped with
-one info line.
+one info line. When the gradient cosines do not clear their same-task noise floor, a warning says so.
+
+Rows: gradient conflict — ``batches_per_task`` batches of ``batch_size`` training rows per task;
+routing — ``max_examples_per_task`` training rows per task in mixed-task batches (``protocol=tokens``) or
+``max_examples`` prompts pooled over the tasks in left-padded batches (``protocol=notebook``); divergence
+and t-SNE of representations — held-out rows. The initial heads for the head-similarity increments are read
+from the run dir (:data:`mtlora.diagnostics.heads.INIT_FILE`, written by the training loop).
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.diagnostics import plots
-from mtlora.diagnostics.common import jsonable, task_batches
+from mtlora.diagnostics.common import jsonable, mixed_batches, pooled_prompt_batches, task_batches
 from mtlora.diagnostics.config import DIAGNOSTICS, _get, _plain, check_diagnostics_config
 from mtlora.diagnostics.conflict import gradient_conflict
 from mtlora.diagnostics.divergence import collect_representations, representation_divergence
-from mtlora.diagnostics.heads import head_similarity
+from mtlora.diagnostics.heads import head_similarity, load_initial_heads
 from mtlora.diagnostics.routing import routing_stats
 from mtlora.diagnostics.spectral import DEFAULT_BANDS, spectral_stats
 from mtlora.diagnostics.tsne import parameter_tsne, representation_tsne, tsne_available
@@ -86,8 +92,9 @@ class DiagnosticsRunner:
         self.plot_at = set(_get(cfg, "plot_at", ["end"])) | {"diagnose"}
         self.log = JsonlLog(self.run_dir, "diagnostics")
         self.seconds = 0.0
-        self._batches: dict[str, dict] = {}
+        self._batches: dict[str, Any] = {}
         self._skipped: set[str] = set()
+        self._init_heads: Any = False  # not loaded yet
 
     # ---------------------------------------------------------------- training hooks
 
@@ -122,19 +129,21 @@ class DiagnosticsRunner:
 
     # ---------------------------------------------------------------- running
 
-    def _rows(self, kind: str) -> dict:
+    def _rows(self, kind: str):
         """Fixed batches per use (same rows at every call)."""
         if kind not in self._batches:
             c = self.cfg
             if kind == "conflict":
-                k, bs = int(_get(c, "conflict.batches_per_task", 4)), int(_get(c, "conflict.batch_size", 8))
+                k, bs = int(_get(c, "conflict.batches_per_task", 8)), int(_get(c, "conflict.batch_size", 16))
                 self._batches[kind] = task_batches(self.data, "train", k * bs, bs, self.seed)
             elif kind == "routing":
-                n, bs = (
-                    int(_get(c, "routing.max_examples_per_task", 32)),
-                    int(_get(c, "routing.batch_size", 16)),
-                )
-                self._batches[kind] = task_batches(self.data, "train", n, bs, self.seed + 1)
+                bs = int(_get(c, "routing.batch_size", 16))
+                if _get(c, "routing.protocol", "tokens") == "notebook":
+                    n = int(_get(c, "routing.max_examples", 500))
+                    self._batches[kind] = pooled_prompt_batches(self.data, n, bs, self.seed + 1)
+                else:
+                    n = int(_get(c, "routing.max_examples_per_task", 32))
+                    self._batches[kind] = mixed_batches(self.data, "train", n, bs, self.seed + 1)
             else:  # held-out rows for representations
                 n, bs = (
                     int(_get(c, "divergence.max_examples_per_task", 64)),
@@ -179,6 +188,10 @@ class DiagnosticsRunner:
                     }
                     self.log.write(rec)
                     records.append(rec)
+                    if name == "conflict" and res["noise_floor"]["above_cross"] is False:
+                        log.warning(
+                            "diagnostics at step %d: gradient conflict: %s", step, res["noise_floor"]["note"]
+                        )
                     if self.tracker is not None and scalars:
                         self.tracker.log(scalars, step)
                     if self.make_plots and event in self.plot_at:
@@ -206,17 +219,26 @@ class DiagnosticsRunner:
             cache["reps"] = collect_representations(self.model, self._rows("heldout"))
         return cache["reps"]
 
+    def initial_heads(self):
+        """The run's initial head contributions (:data:`mtlora.diagnostics.heads.INIT_FILE`), or None."""
+        if self._init_heads is False:
+            self._init_heads = load_initial_heads(self.run_dir)
+        return self._init_heads
+
     def _compute(self, name: str, cache: dict) -> dict | None:
         names = self.data.task_names
+        c = self.cfg
         if name == "heads":
-            return head_similarity(self.model)
+            return head_similarity(self.model, self.initial_heads())
         if name == "conflict":
-            return gradient_conflict(self.model, self._rows("conflict"), names)
+            exclude = bool(_get(c, "conflict.exclude_task_specific", True))
+            return gradient_conflict(self.model, self._rows("conflict"), names, exclude)
         if name == "spectral":
-            bands = _plain(OmegaConf.select(self.cfg, "spectral.bands")) or DEFAULT_BANDS
-            return spectral_stats(self.model, bands)
+            bands = _plain(OmegaConf.select(c, "spectral.bands")) or DEFAULT_BANDS
+            return spectral_stats(self.model, bands, str(_get(c, "spectral.edges", "ceil")))
         if name == "routing":
-            return routing_stats(self.model, self._rows("routing"), names)
+            protocol = str(_get(c, "routing.protocol", "tokens"))
+            return routing_stats(self.model, self._rows("routing"), names, protocol)
         if name == "divergence":
             return representation_divergence(self._reps(cache), names)
         if name == "tsne":
@@ -239,37 +261,43 @@ class DiagnosticsRunner:
     def _scalars(name: str, res: dict) -> dict[str, float]:
         out: dict[str, Any] = {}
         if name == "heads":
-            out["mean"] = res["mean"]
+            out.update({k: res[k] for k in ("mean", "mean_increment", "mean_delta_w")})
         elif name == "conflict":
-            out.update({k: res[k] for k in ("mean", "std", "conflict_ratio", "per_layer_mean")})
+            out.update({k: res[k] for k in ("mean_cosine", "std", "conflict_ratio", "per_layer_mean")})
+            out["noise_floor_mean"] = res["noise_floor"]["mean"]
         elif name == "spectral":
-            for (p0, p1), a, i in zip(res["bands"], res["alignment_pct"], res["sv_importance"]):
+            for (p0, p1), a, i in zip(res["bands"], res["alignment_pct"], res["sv_importance_pct"]):
                 out[f"alignment_pct_{p0:g}-{p1:g}"] = a
-                out[f"sv_importance_{p0:g}-{p1:g}"] = i
+                out[f"sv_importance_pct_{p0:g}-{p1:g}"] = i
             out["pearson"] = res["pearson"]
         elif name == "routing":
-            out.update(entropy=res["entropy"], cv2=res["cv2"])
+            out.update({k: res[k] for k in ("entropy", "cv2", "cv2_per_batch")})
         elif name == "divergence":
-            out.update(kl=res["kl"], mmd=res["mmd"])
+            out.update({k: res[k] for k in ("kl", "kl_per_dim", "mmd")})
         return {f"diag/{name}/{k}": float(v) for k, v in out.items() if v is not None}
 
     @staticmethod
     def _summary(rec: dict) -> str:
         n = rec["diagnostic"]
         keys = {
-            "heads": ["mean"],
-            "conflict": ["mean", "conflict_ratio"],
+            "heads": ["quantity", "mean", "mean_increment"],
+            "conflict": ["mean_cosine", "conflict_ratio"],
             "routing": ["entropy", "cv2"],
-            "divergence": ["kl", "mmd"],
-            "spectral": ["alignment_pct"],
+            "divergence": ["kl", "kl_per_dim", "mmd"],
+            "spectral": ["alignment_pct", "sv_importance_pct"],
         }.get(n, [])
         vals = []
         for k in keys:
             v = rec.get(k)
-            if isinstance(v, float):
+            if isinstance(v, str):
+                vals.append(v)
+            elif isinstance(v, float):
                 vals.append(f"{k}={v:.4g}")
             elif isinstance(v, list):
                 vals.append(f"{k}=[" + ", ".join("-" if x is None else f"{x:.3g}" for x in v) + "]")
+        floor = (rec.get("noise_floor") or {}).get("mean")
+        if n == "conflict" and floor is not None:
+            vals.append(f"noise_floor={floor:.3g}")
         return f"{n}({' '.join(vals)})" if vals else n
 
     def _plot(self, name: str, res: dict, step: int, event: str) -> None:

@@ -1,9 +1,11 @@
 r"""2-D t-SNE embeddings of adapter parameters and of A-space representations (``docs/methods.md`` §10.2-3).
 
 * **Parameters** (HydraLoRA tsen_lora.py, R-LoRA analysis_tsne.py): every adapter sub-matrix — each ``A``
-  and each up-projection head ``B_i`` (or ``B``) of every layer — flattened to one point. Points of equal
-  shape form one group (t-SNE needs one space), e.g. all ``A`` of the ``gate_proj``/``up_proj`` layers or all
-  ``B`` heads of the ``down_proj`` layers; ``A`` points are labelled by module kind, heads by head index.
+  and each up-projection head ``B_i`` (or ``B``) of every layer — flattened to one point. One group (one
+  t-SNE) per matrix and **module type**, as R-LoRA embeds the ``B`` heads of all ``up_proj`` layers, of all
+  ``down_proj`` layers, ... separately: e.g. ``B up_proj`` holds every head of every ``up_proj`` layer
+  (``gate_proj`` and ``up_proj`` have equal shapes but are never mixed). A module type whose layers differ
+  in shape is split by shape. Heads are labelled by head index (R-LoRA colours by head), ``A`` points ``A``.
 * **Representations**: the pooled down-projection outputs of held-out examples at one layer
   (:func:`mtlora.diagnostics.divergence.collect_representations`), labelled by task.
 
@@ -42,7 +44,7 @@ def embed(points: np.ndarray, perplexity: float = 30.0, seed: int = 42) -> np.nd
 
 
 def parameter_points(model: nn.Module) -> dict[str, dict]:
-    """Flattened adapter sub-matrices grouped by ``"<matrix>:<kind>"`` (equal dimension within a group).
+    """Flattened adapter sub-matrices grouped by ``"<matrix> <module kind>"`` (and shape when a kind mixes shapes).
 
     Returns ``{group: {"points": (n, D) array, "labels": [...], "layer": [...], "head": [...]}}``."""
     groups: dict[str, dict] = {}
@@ -59,17 +61,22 @@ def parameter_points(model: nn.Module) -> dict[str, dict]:
         elif isinstance(b, torch.Tensor):
             mats.append(("B", None, b.detach()))
         for kind_m, head, m in mats:
-            key = f"{kind_m} {'x'.join(map(str, m.shape))}"
-            g = groups.setdefault(key, {"points": [], "labels": [], "layer": [], "head": []})
+            g = groups.setdefault(
+                (f"{kind_m} {kind}", tuple(m.shape)), {"points": [], "labels": [], "layer": [], "head": []}
+            )
             g["points"].append(m.float().reshape(-1).cpu().numpy())
-            g["labels"].append(f"{kind_m} {kind}" if head is None else f"{kind_m} head {head}")
+            g["labels"].append(kind_m if head is None else f"{kind_m} head {head}")
             g["layer"].append(idx)
             g["head"].append(head)
+    shapes: dict[str, int] = {}
+    for key, _ in groups:
+        shapes[key] = shapes.get(key, 0) + 1
     out = {}
-    for k, v in groups.items():
+    for (key, shape), v in groups.items():
         pts = np.stack(v["points"])
+        name = key if shapes[key] == 1 else f"{key} {'x'.join(map(str, shape))}"
         if len(pts) >= MIN_POINTS and _spread(pts):
-            out[k] = {**v, "points": pts}
+            out[name] = {**v, "points": pts}
     return out
 
 

@@ -30,6 +30,7 @@ from mtlora.data import MultiTaskData, build_data
 from mtlora.data.build import rows_per_task
 from mtlora.data.mixture import BatchStream
 from mtlora.diagnostics import DiagnosticsRunner
+from mtlora.diagnostics.heads import save_initial_heads
 from mtlora.errors import ConfigError
 from mtlora.eval.bbh_suite import run_bbh
 from mtlora.eval.bbh_suite import summary_line as bbh_summary_line
@@ -125,6 +126,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(int(cfg.seed))
     with model_build_context(acc, cfg.model):  # ZeRO-3: a random-init model is built whole
         tokenizer, model, data = build_model_and_data(cfg)
+    if (
+        acc.is_main_process
+    ):  # the heads' initial values, for the head-similarity increments (whole model here)
+        save_initial_heads(model, run_dir)
     params = count_parameters(model)
     per_task = rows_per_task(cfg)
     stream = BatchStream(

@@ -12,8 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mtlora.diagnose import with_defaults
+from mtlora.diagnose import diagnose, with_defaults
 from mtlora.diagnostics import DiagnosticsRunner
+from mtlora.diagnostics.heads import INIT_FILE, load_initial_heads
 from mtlora.load import load_run
 from mtlora.train import run
 from tests.helpers.compose import REPO, compose_train, run_module
@@ -57,11 +58,23 @@ def test_records_are_written_at_the_scheduled_steps(runs) -> None:
     assert dict(by_step) == {0: ALL, 2: {"heads", "routing"}, 4: {"heads", "routing"}, 6: ALL}
     recs = {(r["step"], r["diagnostic"]): r for r in _records(runs["default"])}
     assert recs[(0, "heads")]["mean"] is None  # HydraLoRA's B heads start at zero: no cosine
-    assert 0 < recs[(6, "heads")]["mean"] <= 1
-    assert len(recs[(6, "conflict")]["matrix"]) == 4 and recs[(6, "conflict")]["tasks"][0] == "arithmetic"
+    heads = recs[(6, "heads")]
+    assert 0 < heads["mean"] <= 1 and heads["quantity"] == "B_i"
+    assert heads["init"] == "saved" and heads["mean_increment"] == heads["mean"]  # zero init: B − B₀ = B
+    assert (runs["default"] / INIT_FILE).is_file()
+    conflict = recs[(6, "conflict")]
+    assert len(conflict["matrix"]) == 4 and conflict["tasks"][0] == "arithmetic"
+    assert sorted(conflict["per_layer"]) == ["0", "1"] and len(conflict["per_module"]) > 2
+    assert set(conflict["noise_floor"]["per_task"]) == set(conflict["tasks"])
+    assert isinstance(conflict["noise_floor"]["above_cross"], bool) and conflict["noise_floor"]["note"]
+    assert conflict["rows_per_task"] == {t: 128 for t in conflict["tasks"]}  # default: 8 batches x 16 rows
     assert 0 < recs[(6, "routing")]["entropy"] <= 1.3863  # ≤ log(4 heads)
+    assert recs[(6, "routing")]["cv2_per_batch"] >= 0 and recs[(6, "routing")]["protocol"] == "tokens"
     assert recs[(6, "divergence")]["kl"] > 0 and recs[(6, "divergence")]["mmd"] > 0
-    assert len(recs[(6, "spectral")]["alignment_pct"]) == 3
+    assert (
+        len(recs[(6, "spectral")]["alignment_pct"]) == 3
+        and len(recs[(6, "spectral")]["sv_importance_pct"]) == 3
+    )
     plots = runs["default"] / "plots" / "diagnostics"
     assert not list(plots.glob("*_init_step0.png"))  # default plot_at: [end] (the end plots show the history)
     for name in (
@@ -126,6 +139,55 @@ def test_diagnose_cli_writes_every_diagnostic_and_the_plots(runs, tmp_path) -> N
     assert _is_png(plots / "head_similarity_diagnose.png")
     assert list(tmp_path.iterdir()) == []  # no Hydra output dir, .hydra/ or log file in the cwd
     assert not (d / ".hydra").exists() and not list(d.glob("*.log"))
+
+
+def test_compare_cli_compares_runs_layer_by_layer(runs, tmp_path) -> None:
+    d = runs["default"]
+    res = run_module(
+        "mtlora.diagnostics.compare",
+        [str(d), str(d), "--labels", "a", "b", "--out", str(tmp_path / "cmp")],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert cmp["heads"]["quantity"] == "B_i" and set(cmp["heads"]["runs"]) == {"a", "b"}
+    assert cmp["conflict"]["layers"] == ["0", "1"] and cmp["conflict"]["per_layer"]["b"]["0"]["delta"] == 0.0
+    assert cmp["conflict"]["runs"]["b"]["cosine_drop_pct"] in (0.0, None)
+    assert "kl_per_dim" in cmp["divergence"]["note"]
+    for name in ("compare_heads.png", "compare_conflict.png"):
+        assert _is_png(tmp_path / "cmp" / name), name
+
+
+def test_random_init_heads_are_saved_before_training_and_diagnose_reports_the_increments(tmp_path) -> None:
+    """R-LoRA: the training loop writes the initial heads B₀ (with diagnostics off), and diagnose on the
+    finished run dir reports the similarity of B − B₀ beside the raw one."""
+    from mtlora.training.loop import build_model_and_data
+
+    d = tmp_path / "rlora"
+    over = [
+        "adapter=rlora",
+        "train.max_steps=3",
+        "eval=none",
+        "data.budget=64",
+        "debug=smoke",
+        "train.optimizer.lr=0.01",
+    ]
+    run(compose_train(over, run_dir=d), d)
+    init = load_initial_heads(d)
+    cfg = compose_train(over)
+    torch.manual_seed(int(cfg.seed))
+    _, fresh, _ = build_model_and_data(cfg)
+    name, f0 = next(iter(init.items()))
+    assert torch.equal(f0.up.float(), fresh.get_submodule(name).lora_B.detach())
+    trained, _ = load_run(d)
+    assert not torch.equal(f0.up.float(), trained.get_submodule(name).lora_B.detach())  # it trained
+    dcfg = compose_train(
+        ["diagnostics=default", "diagnostics.which=[heads]", "diagnostics.plots=false"]
+    ).diagnostics
+    (rec,) = diagnose(d, dcfg, logger=OmegaConf.create({"name": "none"}))
+    assert rec["init"] == "saved" and rec["quantity"] == "B_i"
+    assert rec["mean_increment"] is not None and rec["mean_increment"] != pytest.approx(rec["mean"], abs=1e-3)
 
 
 def _wandb_records(wandb_file: Path) -> list:
