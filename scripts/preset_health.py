@@ -49,7 +49,7 @@ Writes ``<out>/preset_health.md`` and ``.csv`` (one row per preset) and exits 1 
 Usage::
 
     python scripts/preset_health.py                           # every preset: ~8 min of one CPU core
-    python scripts/preset_health.py --presets 'align_lora/t4/*' 'rlora/*' --steps 30 --out /tmp/health
+    python scripts/preset_health.py --presets 'align_lora/t4/*' 'rlora/*' --steps 30 --out outputs/health
 """
 
 from __future__ import annotations
