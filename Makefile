@@ -142,6 +142,10 @@ test-full: $(STAMP) ## every CPU test, the slow ones included
 test-gpu: $(STAMP) ## the GPU tests (needs CUDA)
 	$(PYTHON) -m pytest -m gpu $(ARGS)
 
+.PHONY: preset-health
+preset-health: $(STAMP) ## every paper preset trains: 30 smoke steps each vs plain LoRA (scripts/preset_health.py; ARGS="--presets 'rlora/*'")
+	$(PYTHON) scripts/preset_health.py $(ARGS)
+
 .PHONY: test-experiments
 test-experiments: $(STAMP) ## every paper-table preset composes and trains 2 steps (tiny model); a SMOKE table end to end
 	$(PYTHON) -m pytest -m "slow or not slow" tests/integration/test_experiments.py $(ARGS)

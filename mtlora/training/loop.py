@@ -71,6 +71,8 @@ class Interval:
     loss_sum: float = 0.0
     tokens: int = 0
     align_sum: float = 0.0
+    aux_sum: float = 0.0  # adapter auxiliary losses (router balance), as added to the step's loss
+    reg_sum: float = 0.0  # model-level regularisers (spectral), as added to the step's loss
     task_loss: dict[str, float] = field(default_factory=dict)
     task_tokens: dict[str, int] = field(default_factory=dict)
 
@@ -263,11 +265,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                     aux = ctx.total_aux_loss()
                     if aux is not None:
                         loss = loss + aux / ga
+                        interval.aux_sum += float(aux.detach()) / ga
                     if i == 0:  # model-level regularisers: once per step, on its first micro-batch, ÷ GA
                         for reg in ctx.regularizers:
                             r = reg(step, steps_per_epoch)
                             if r is not None:
                                 loss = loss + r / ga
+                                interval.reg_sum += float(r.detach()) / ga
                     if align is not None and not align.per_micro_batch:
                         pending = loss if pending is None else pending + loss
                         if sync:
@@ -379,8 +383,8 @@ def _add_task_losses(interval: Interval, data: MultiTaskData, task_ids, ce, mask
 
 
 def _log_record(acc: Accelerator, it: Interval, step: int, epoch: int, scheduler, grad_norm, tok_s) -> dict:
-    sums = torch.tensor([it.loss_sum, float(it.tokens), it.align_sum], device=acc.device, dtype=torch.float64)
-    sums = acc.reduce(sums, reduction="sum")
+    sums = [it.loss_sum, float(it.tokens), it.align_sum, it.aux_sum, it.reg_sum]
+    sums = acc.reduce(torch.tensor(sums, device=acc.device, dtype=torch.float64), reduction="sum")
     rec = {
         "step": step,
         "epoch": epoch,
@@ -389,8 +393,17 @@ def _log_record(acc: Accelerator, it: Interval, step: int, epoch: int, scheduler
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens_per_s": round(tok_s, 1),
     }
-    if it.align_sum:  # alignment loss per step, mean over steps and processes
-        rec["align_loss"] = float(sums[2]) / max(it.steps * acc.num_processes, 1)
+    # per step, mean over steps and processes, logged when the run has the term: align_loss = the alignment
+    # term before its weight; aux_loss (adapter auxiliary losses) and reg_loss (model-level regularisers) =
+    # what was added to the loss, their weights included
+    per_step = max(it.steps * acc.num_processes, 1)
+    for key, i, value in (
+        ("align_loss", 2, it.align_sum),
+        ("aux_loss", 3, it.aux_sum),
+        ("reg_loss", 4, it.reg_sum),
+    ):
+        if value:
+            rec[key] = float(sums[i]) / per_step
     # per-task loss on this process's rows (rank 0's view under DDP)
     rec["task_loss"] = {k: it.task_loss[k] / max(it.task_tokens[k], 1) for k in sorted(it.task_loss)}
     if torch.cuda.is_available():

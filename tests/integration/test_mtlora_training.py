@@ -4,6 +4,7 @@ gradient checkpointing replays the same run, bf16 autocast trains with fp32 adap
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -141,3 +142,44 @@ def test_blc_grad_false_leaves_the_router_to_the_task_loss_under_checkpointing(
     for k in init:
         assert torch.equal(off[k], init[k]), k
         assert float((on[k] - init[k]).abs().max()) > 1e-5, k
+
+
+def test_balance_and_spectral_terms_are_logged_as_added_to_the_loss(tmp_path: Path, monkeypatch) -> None:
+    """``train.jsonl``: ``aux_loss`` = the step's mean over its micro-batches of the adapters' auxiliary
+    losses (mtLoRA's BLC), ``reg_loss`` = the spectral regulariser's value ÷ GA (its weight in the step's
+    loss) at the steps where it fires (absent at the others); a plain LoRA run logs neither."""
+    from mtlora.adapters.context import AdapterContext
+    from mtlora.adapters.spectral import SpectralRegularizer
+
+    aux: list[float] = []
+    reg: list[float | None] = []
+    total_aux, regularize = AdapterContext.total_aux_loss, SpectralRegularizer.__call__
+
+    def spy_aux(self):
+        value = total_aux(self)
+        if value is not None:
+            aux.append(float(value.detach()))
+        return value
+
+    def spy_reg(self, step, steps_per_epoch):
+        value = regularize(self, step, steps_per_epoch)
+        reg.append(None if value is None else float(value.detach()))
+        return value
+
+    monkeypatch.setattr(AdapterContext, "total_aux_loss", spy_aux)
+    monkeypatch.setattr(SpectralRegularizer, "__call__", spy_reg)
+    run = [*SHORT_RUN, "train.max_steps=4", "train.gradient_accumulation_steps=2"]
+    d = train_tiny(tmp_path, "mtlora", ["adapter=mtlora", *run, "adapter.spectral.every_steps=2"])
+    recs = [json.loads(x) for x in (d / "metrics" / "train.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and len(aux) == 8 and all(a > 0 for a in aux)
+    assert [r["aux_loss"] for r in recs] == pytest.approx(
+        [(aux[2 * s] + aux[2 * s + 1]) / 2 for s in range(4)]
+    )
+    assert [r is None for r in reg] == [True, False, True, False]  # fires at 0-based steps 1 and 3
+    assert ["reg_loss" in r for r in recs] == [False, True, False, True]
+    assert [r["reg_loss"] for r in recs if "reg_loss" in r] == pytest.approx([reg[1] / 2, reg[3] / 2])
+    plain = train_tiny(tmp_path, "lora", [*run, "train.max_steps=2"])
+    assert not any(
+        {"aux_loss", "reg_loss"} & set(json.loads(x))
+        for x in (plain / "metrics" / "train.jsonl").read_text().splitlines()
+    )
