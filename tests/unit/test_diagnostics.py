@@ -216,11 +216,13 @@ def test_random_init_heads_report_the_similarity_of_the_learned_increments(layer
     d = torch.randn(12, 2)
     d /= d.norm()
     raw = []
-    for size in (1e-3 * b0[0].norm(), 30 * b0[0].norm()):
+    for size in (1e-3 * b0[0].norm(), 30 * b0.norm()):  # b0.norm(): the released init scales heads apart
         with torch.no_grad():
             layer.lora_B.copy_(b0 + size * d)
         res = head_similarity(model, init)
-        assert res["mean_increment"] == pytest.approx(1.0, abs=1e-9)
+        # B is stored in fp32: b0 + D rounds to ~6e-8·|b0|, which at |D| = 1e-3·|b0| moves the cosine by
+        # ~1e-7 (the released init makes b0 tiny, so the bound is relative to it, not to 1)
+        assert res["mean_increment"] == pytest.approx(1.0, abs=1e-6)
         heads = layer.lora_B.detach().numpy()
         assert res["mean"] == pytest.approx(_np_mean_upper(_np_cos_matrix(list(heads))), abs=1e-9)
         raw.append(res["mean"])
