@@ -33,6 +33,25 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def own_leaves(path: Path) -> dict[str, object]:
+    """The values a group option file sets itself, by dotted key (its ``defaults`` list and interpolations
+    left out; a list is one value)."""
+    out: dict[str, object] = {}
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif "${" not in str(v):
+                out[key] = v
+
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw.pop("defaults", None)
+    walk(raw, "")
+    return out
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_and_validates(group: str, option: str, tmp_path: Path) -> None:
     cfg = compose_train([f"{group}={option}"], run_dir=tmp_path)
@@ -40,7 +59,13 @@ def test_every_group_option_composes_and_validates(group: str, option: str, tmp_
     if group == "model":
         assert cfg.model.name in (option, "qwen2.5-7b")
     elif group not in ("experiment", "hparams_search", "debug"):
-        assert cfg[group].get("name", option) in (option, cfg[group].get("name"))
+        own = own_leaves(CONF / group / f"{option}.yaml")
+        assert own, f"conf/{group}/{option}.yaml sets nothing of its own"
+        if "name" in own:  # a named option is named after its file
+            assert own["name"] == option
+        for key, value in own.items():  # the option, not another one, reached cfg.<group>
+            got = OmegaConf.select(cfg[group], key)
+            assert (OmegaConf.to_container(got) if OmegaConf.is_config(got) else got) == value, key
 
 
 @pytest.mark.parametrize("task", _options("data/task"))

@@ -25,7 +25,6 @@ from mtlora.adapters import (
     MultiLoraLinear,
     adapter_layers,
     adapter_state_dict,
-    inject_adapters,
     load_adapter,
     merge_adapters,
     save_adapter,
@@ -35,6 +34,7 @@ from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from tests.helpers.compose import compose_train
+from tests.helpers.tiny import injected, logits, tokens
 
 D_IN, D_OUT, RANK, ALPHA = 16, 12, 4, 8.0
 N = 3  # LoRAs / experts
@@ -594,24 +594,6 @@ def test_yaml_composes_and_class_defaults_agree_with_it(method: str) -> None:
 
 
 # ---------------------------------------------------------------- on the tiny model
-
-
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits
-
-
-def injected(method: str, seed: int = 0):
-    cfg = compose_train([f"adapter={method}", "debug=smoke"])
-    model = build_model(cfg.model)
-    torch.manual_seed(seed)
-    ctx = inject_adapters(model, cfg.adapter)
-    return model, cfg, ctx
 
 
 KINDS = {

@@ -23,7 +23,6 @@ from mtlora.adapters import (
     MtlLoraLinear,
     adapter_layers,
     adapter_state_dict,
-    inject_adapters,
     load_adapter,
     merge_adapters,
     save_adapter,
@@ -36,6 +35,7 @@ from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from tests.helpers.compose import compose_train
 from tests.helpers.layers import ALPHA, D_IN, D_OUT, RANK, TASKS, make, randomise
+from tests.helpers.tiny import injected, logits, tokens
 
 TASK_CLASSES = {"mtl_lora": MtlLoraLinear, "moelora": MoeLoraLinear}
 TASK_METHODS = list(TASK_CLASSES)
@@ -528,26 +528,8 @@ def test_matching_num_tasks_validates(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- on the tiny model
 
 
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 259, (3, 12), generator=torch.Generator().manual_seed(seed))
-
-
+#: the task of each row of ``tokens(rows=3)``
 TASK_IDS = ids_of(0, 3, 1)
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    model.adapter_context.begin(task_ids=TASK_IDS) if hasattr(model, "adapter_context") else None
-    return model(input_ids=ids).logits
-
-
-def injected(method: str, seed: int = 0):
-    cfg = compose_train([f"adapter={method}", "debug=smoke"])
-    model = build_model(cfg.model)
-    torch.manual_seed(seed)
-    ctx = inject_adapters(model, cfg.adapter)
-    return model, cfg, ctx
 
 
 KINDS = {
@@ -560,34 +542,34 @@ KINDS = {
 @pytest.mark.parametrize("method", list(ALL))
 def test_inject_only_adapter_parameters_trainable(method: str) -> None:
     model, cfg, ctx = injected(method)
-    base_logits = logits(build_model(cfg.model), tokens())
+    base_logits = logits(build_model(cfg.model), tokens(rows=3))
     layers = adapter_layers(model)
     assert layers and all(type(m) is ALL[method] and m.context is ctx for m in layers.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{k}" for n in layers for k in KINDS[method]}
     assert all(not m.base_layer.weight.requires_grad for m in layers.values())
     assert not model.get_input_embeddings().weight.requires_grad
-    torch.testing.assert_close(logits(model, tokens()), base_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(model, tokens(rows=3), TASK_IDS), base_logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", list(ALL))
 def test_save_load_adapter_round_trip(method: str, tmp_path: Path) -> None:
-    ids = tokens()
+    ids = tokens(rows=3)
     model, cfg, _ = injected(method, seed=0)
     for layer in adapter_layers(model).values():
         randomise(layer, seed=3, scale=0.1)
-    want = logits(model, ids)
+    want = logits(model, ids, TASK_IDS)
     out = save_adapter(model, tmp_path / "adapter", OmegaConf.to_container(cfg.adapter))
     saved = adapter_state_dict(model)
     assert {k.rsplit(".", 1)[-1] for k in saved} == set(KINDS[method])
     other, _, _ = injected(method, seed=1)
     for layer in adapter_layers(other).values():
         randomise(layer, seed=4, scale=0.1)
-    assert (logits(other, ids) - want).abs().max() > 1e-3
+    assert (logits(other, ids, TASK_IDS) - want).abs().max() > 1e-3
     load_adapter(other, out)
     got = adapter_state_dict(other)
     assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)
-    torch.testing.assert_close(logits(other, ids), want, atol=0, rtol=0)
+    torch.testing.assert_close(logits(other, ids, TASK_IDS), want, atol=0, rtol=0)
 
 
 def test_merge_adapters_on_the_model() -> None:
@@ -595,13 +577,13 @@ def test_merge_adapters_on_the_model() -> None:
     for layer in adapter_layers(model).values():
         randomise(layer, scale=0.1)
     w0 = {n: m.base_layer.weight.detach().clone() for n, m in adapter_layers(model).items()}
-    want = logits(model, tokens())
+    want = logits(model, tokens(rows=3), TASK_IDS)
     merge_adapters(model)
-    torch.testing.assert_close(logits(model, tokens()), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(model, tokens(rows=3), TASK_IDS), want, atol=1e-4, rtol=1e-4)
     unmerge_adapters(model)
     for n, m in adapter_layers(model).items():
         torch.testing.assert_close(m.base_layer.weight.detach(), w0[n], atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, tokens()), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, tokens(rows=3), TASK_IDS), want, atol=1e-5, rtol=1e-5)
     for method in TASK_METHODS:
         model, _, _ = injected(method)
         with pytest.raises(TypeError, match="cannot be merged"):

@@ -32,6 +32,7 @@ from mtlora.adapters.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from tests.helpers.compose import compose_train
+from tests.helpers.tiny import logits, tokens
 
 NAMES = [
     "model.layers.0.self_attn.q_proj",
@@ -126,22 +127,11 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def tokens(cfg, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 259, (2, 12), generator=g)
-
-
 def randomise_b(model: nn.Module, seed: int = 5) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
             layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits
 
 
 def test_inject_only_lora_trainable_and_counts(cfg) -> None:
@@ -180,7 +170,7 @@ def test_find_targets_follows_target_modules(cfg) -> None:
 
 def test_injected_model_starts_equal_to_base(cfg) -> None:
     model, acfg = fresh(cfg)
-    ids = tokens(cfg)
+    ids = tokens()
     before = logits(model, ids)
     inject_adapters(model, acfg)
     assert len(adapter_layers(model)) > 0
@@ -221,7 +211,7 @@ def test_unknown_method_lists_allowed(cfg) -> None:
 
 
 def test_save_load_adapter_round_trip(cfg, tmp_path: Path) -> None:
-    ids = tokens(cfg)
+    ids = tokens()
     model, acfg = fresh(cfg)
     inject_adapters(model, acfg)
     randomise_b(model)
@@ -263,7 +253,7 @@ def test_load_adapter_rejects_other_shapes_and_keys(cfg) -> None:
 
 
 def test_merge_and_unmerge_whole_model(cfg) -> None:
-    ids = tokens(cfg)
+    ids = tokens()
     model, acfg = fresh(cfg)
     inject_adapters(model, acfg)
     randomise_b(model)

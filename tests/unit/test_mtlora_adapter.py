@@ -37,6 +37,7 @@ from mtlora.count import count
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from tests.helpers.compose import compose_train
+from tests.helpers.tiny import logits, tokens
 
 D_IN, D_OUT, RANK, HEADS, ALPHA = 16, 12, 4, 3, 8.0
 
@@ -387,16 +388,6 @@ def fresh(cfg, **overrides):
     return model, acfg
 
 
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits
-
-
 def test_default_config_is_the_papers_main_setting(cfg) -> None:
     a = cfg.adapter
     assert (a.placement, a.block_style, a.routing_groups, a.blc_alpha) == ("block_ffn", "lowrank", 2, 0.01)
@@ -474,7 +465,7 @@ def _hooked_block_check(model, kind: str, groups: int, style: str = "lowrank") -
             )
         )
         handles.append(layer.register_forward_hook(lambda m, i, o, rec=rec: rec.__setitem__("out", o)))
-    logits(model, tokens())
+    logits(model, tokens(length=10))
     for h in handles:
         h.remove()
     assert len(seen) == 2
@@ -528,7 +519,7 @@ def test_block_styles_follow_their_equation(cfg, style: str) -> None:
     ],
 )
 def test_init_leaves_base_model_output_unchanged(cfg, overrides: dict, starts_at_base: bool) -> None:
-    ids = tokens()
+    ids = tokens(length=10)
     model, acfg = fresh(cfg, **overrides)
     before = logits(model, ids)
     inject_adapters(model, acfg)
@@ -544,7 +535,7 @@ def test_adaptformer_scale_init_zero_gets_no_gradient_but_positive_does(cfg) -> 
         model, acfg = fresh(cfg, block_style="adaptformer", adaptformer_scale_init=init)
         inject_adapters(model, acfg)
         model.train()
-        model(input_ids=tokens()).logits.square().mean().backward()
+        model(input_ids=tokens(length=10)).logits.square().mean().backward()
         layer = next(iter(adapter_layers(model).values()))
         assert bool(layer.lora_B.grad.abs().max() > 0) is moves
         assert float(layer.lora_scale.detach()[0]) == pytest.approx(init)
@@ -562,7 +553,7 @@ def test_block_balance_losses_average_over_layers(cfg) -> None:
         )
     model.train()
     ctx.begin()
-    model(input_ids=tokens())
+    model(input_ids=tokens(length=10))
     assert set(ctx.aux_losses) == {f"{n}.balance" for n in inputs} and len(inputs) == 4
     for name, u in inputs.items():  # each entry is 0.5 · cv² / 4 (the loop's sum = 0.5 × mean over layers)
         router = adapter_layers(model)[name].lora_router.detach().double().numpy()
@@ -587,14 +578,14 @@ def test_capture_hands_over_the_shared_a_output(cfg) -> None:
     model, acfg = fresh(cfg)
     ctx = inject_adapters(model, acfg)
     ctx.begin(capture=True)
-    model(input_ids=tokens())
+    model(input_ids=tokens(length=10))
     assert set(ctx.captured) == {f"model.layers.{i}.mlp.lora_A" for i in range(2)}
     assert next(iter(ctx.captured.values())).shape == (2, 10, 16)
 
 
 @pytest.mark.parametrize("placement", ["block_ffn", "component"])
 def test_save_load_round_trip(cfg, placement: str, tmp_path: Path) -> None:
-    ids = tokens()
+    ids = tokens(length=10)
     model, acfg = fresh(cfg, placement=placement)
     inject_adapters(model, acfg)
     for layer in adapter_layers(model).values():
@@ -616,16 +607,16 @@ def test_bf16_forward(cfg, placement: str) -> None:
     inject_adapters(model, acfg)
     for layer in adapter_layers(model).values():
         randomise(layer, scale=0.2)
-    ref = logits(model, tokens()).float()
+    ref = logits(model, tokens(length=10)).float()
     model.to(torch.bfloat16)
     for layer in adapter_layers(model).values():  # adapter tensors back to fp32, as the project keeps them
         for p in layer.parameters(recurse=False):
             p.data = p.data.float()
-    out = logits(model, tokens())
+    out = logits(model, tokens(length=10))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = logits(model.float(), tokens())
+        auto = logits(model.float(), tokens(length=10))
     assert torch.isfinite(auto).all()
 
 

@@ -26,7 +26,6 @@ from mtlora.adapters import (
     RLoraLinear,
     adapter_layers,
     adapter_state_dict,
-    inject_adapters,
     load_adapter,
     merge_adapters,
     save_adapter,
@@ -38,6 +37,7 @@ from mtlora.errors import ConfigError
 from mtlora.models import build_model
 from tests.helpers.compose import CONF as CONF_DIR
 from tests.helpers.compose import compose_train
+from tests.helpers.tiny import injected, logits, tokens
 
 D_IN, D_OUT, RANK, HEADS, ALPHA = 16, 12, 4, 3, 8.0
 CLASSES = {"hydralora": HydraLoraLinear, "rlora": RLoraLinear, "mlora": MLoraLinear}
@@ -671,24 +671,6 @@ def test_layer_constructor_rejects_bad_knobs() -> None:
 
 
 # ---------------------------------------------------------------- on the tiny model
-
-
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=ids).logits
-
-
-def injected(method: str, seed: int = 0):
-    cfg = compose_train([f"adapter={method}", "debug=smoke"])
-    model = build_model(cfg.model)
-    torch.manual_seed(seed)
-    ctx = inject_adapters(model, cfg.adapter)
-    return model, cfg, ctx
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -15,15 +15,15 @@ from mtlora.adapters import (
     MoeLoraLinear,
     MtlLoraLinear,
     adapter_layers,
-    inject_adapters,
     merge_adapters,
     unmerge_adapters,
 )
 from mtlora.eval.generate import greedy_generate, needs_task_ids
-from mtlora.models import build_model, build_tokenizer
+from mtlora.models import build_tokenizer
 from tests.helpers.compose import compose_train
 from tests.helpers.layers import D_IN, D_OUT, TASKS, randomise
 from tests.helpers.layers import make as make_layer
+from tests.helpers.tiny import injected, logits, randomise_adapters, tokens
 
 CLASSES = {"mtl_lora": MtlLoraLinear, "moelora": MoeLoraLinear}
 METHODS = list(CLASSES)
@@ -137,37 +137,24 @@ def test_bf16_base_weight_merges_within_bf16_rounding() -> None:
 # ---------------------------------------------------------------- the model-level entry, tiny model
 
 
-def tokens(n: int = 3) -> torch.Tensor:
-    return torch.randint(3, 259, (n, 12), generator=torch.Generator().manual_seed(0))
+#: three rows of tokens for the model-level checks
+IDS = tokens(rows=3)
 
 
-@torch.no_grad()
-def logits(model: nn.Module, task_ids: torch.Tensor | None) -> torch.Tensor:
-    model.adapter_context.begin(task_ids=task_ids)
-    return model(input_ids=tokens(3)).logits
-
-
-def injected(method: str) -> nn.Module:
-    cfg = compose_train([f"adapter={method}", "debug=smoke"])
-    model = build_model(cfg.model)
-    torch.manual_seed(0)
-    inject_adapters(model, cfg.adapter)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            for n, p in layer.named_parameters():
-                if n.startswith("lora"):
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+def trained_like(method: str) -> nn.Module:
+    """The tiny model with ``conf/adapter/<method>.yaml`` moved away from its init (B = 0), in eval mode."""
+    model, _, _ = injected(method)
+    randomise_adapters(model, seed=3, scale=0.1)
     return model.eval()
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_adapters_for_one_task_on_the_model(method: str) -> None:
-    model = injected(method)
+    model = trained_like(method)
     layers = adapter_layers(model)
     w0 = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     num_tasks = next(iter(layers.values())).num_tasks
-    want = {t: logits(model, torch.full((3,), t)) for t in range(num_tasks)}
+    want = {t: logits(model, IDS, torch.full((3,), t)) for t in range(num_tasks)}
     assert (want[0] - want[1]).abs().max() > 1e-3  # the task matters
     with pytest.raises(TypeError, match=r"cannot be merged for all tasks.*task_id=t"):
         merge_adapters(model)
@@ -177,21 +164,21 @@ def test_merge_adapters_for_one_task_on_the_model(method: str) -> None:
     for t in (1, num_tasks - 1):
         merge_adapters(model, task_id=t)
         assert all(m.merged_task == t for m in layers.values()) and not needs_task_ids(model)
-        torch.testing.assert_close(logits(model, torch.full((3,), t)), want[t], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits(model, None), want[t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(model, IDS, torch.full((3,), t)), want[t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(model, IDS, None), want[t], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match=f"merged for task {t}"):
-            logits(model, torch.tensor([t, 0, t]))
+            logits(model, IDS, torch.tensor([t, 0, t]))
         with pytest.raises(ValueError, match=f"merged for task {t}; unmerge_adapters"):
             merge_adapters(model, task_id=0)
         unmerge_adapters(model)
         for n, m in layers.items():
             torch.testing.assert_close(m.base_layer.weight.detach(), w0[n], atol=1e-6, rtol=0)
         assert needs_task_ids(model)
-    torch.testing.assert_close(logits(model, torch.full((3,), 0)), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, IDS, torch.full((3,), 0)), want[0], atol=1e-5, rtol=1e-5)
 
 
 def test_task_id_is_refused_for_adapters_without_tasks() -> None:
-    model = injected("lora")
+    model = trained_like("lora")
     with pytest.raises(ValueError, match="task_id=0: only task-aware adapters"):
         merge_adapters(model, task_id=0)
     assert not any(m.merged for m in adapter_layers(model).values())
@@ -200,7 +187,7 @@ def test_task_id_is_refused_for_adapters_without_tasks() -> None:
 def test_merged_model_generates_like_the_unmerged_one_for_its_task(tmp_path) -> None:
     """Greedy generation (KV cache, left padding) merged for task 2 without task ids equals the unmerged
     model given task id 2 for every prompt; rows of another task are refused."""
-    model = injected("mtl_lora")
+    model = trained_like("mtl_lora")
     tok = build_tokenizer(compose_train(["debug=smoke"]).model)
     prompts = ["Q: 12+7=", "Sort the words: pear apple fig\nA:", "x"]
 
