@@ -90,7 +90,8 @@ class MultiTaskData:
 
     def batch(self, pairs: np.ndarray, pad_to: int | None = None) -> dict:
         """Collate the training rows named by ``pairs`` (rows of ``(task_id, row)``); packed into rows of
-        ``pack_tokens`` tokens when set (mtlora.data.packing); right-padded to ``pad_to`` positions when given."""
+        ``pack_tokens`` tokens when set (mtlora.data.packing); right-padded to ``pad_to`` positions when
+        given."""
         examples = [self.train[int(t)][int(i)] for t, i in pairs]
         if self.pack_tokens:
             return pack(examples, [int(t) for t, _ in pairs], self.pad_id, self.pack_tokens)

@@ -92,13 +92,14 @@ class AlignmentTerm:
             )
         if (self.window == "step" or self.gather) and self.pool == "none" and self.pad_to is None:
             raise ConfigError(
-                f"alignment.window={self.window}, alignment.gather={self.gather} with alignment.pool=none compare "
-                "positions across micro-batches or processes: set alignment.pad_to (rows padded to one length) "
-                "or alignment.pool=mean or masked_mean"
+                f"alignment.window={self.window}, alignment.gather={self.gather} with alignment.pool=none "
+                "compare positions across micro-batches or processes: set alignment.pad_to (rows padded to one "
+                "length) or alignment.pool=mean or masked_mean"
             )
         if self.grouping == "released" and self.window != "step":
             raise ConfigError(
-                "alignment.grouping=released splits the rows of a whole accumulation window: set alignment.window=step"
+                "alignment.grouping=released splits the rows of a whole accumulation window: "
+                "set alignment.window=step"
             )
 
     @classmethod
@@ -144,9 +145,9 @@ class AlignmentTerm:
                 groups = released_groups(rows_per_task * n_tasks * window, window, n_tasks)
             except ValueError as e:
                 raise ConfigError(
-                    f"alignment.grouping=released: {rows_per_task * n_tasks} rows x {window} micro-batches in chunks "
-                    f"of train.gradient_accumulation_steps={window} rows give fewer pieces than the {n_tasks} "
-                    "tasks (the released code fails here); set alignment.grouping=task"
+                    f"alignment.grouping=released: {rows_per_task * n_tasks} rows x {window} micro-batches in "
+                    f"chunks of train.gradient_accumulation_steps={window} rows give fewer pieces than the "
+                    f"{n_tasks} tasks (the released code fails here); set alignment.grouping=task"
                 ) from e
             n = min(Counter(groups).values()) if len(set(groups)) == n_tasks else 0
         else:
@@ -178,8 +179,8 @@ class AlignmentTerm:
             else "a group of one row has no spread"
         )
         raise ConfigError(
-            f"alignment={self.metric}: each group's statistics would come from {n} rows ({how}); at least {floor} "
-            f"are needed ({why}): raise train.gradient_accumulation_steps with alignment.window=step, or "
+            f"alignment={self.metric}: each group's statistics would come from {n} rows ({how}); at least "
+            f"{floor} are needed ({why}): raise train.gradient_accumulation_steps with alignment.window=step, or "
             "train.micro_batch_size"
         )
 

@@ -8,8 +8,9 @@ The 2-step runs and the end-to-end table are ``slow``: ``make test-experiments``
 (= ``pytest -m 'slow or not slow' tests/integration/test_experiments.py``).
 They substitute only what this machine cannot do: ``model=tiny`` (no hub weights), ``data=synthetic`` (every
 preset's data is hub-only), no evaluation suites, fp32, a micro-batch of 8 (2 rows per synthetic task) and one
-micro-batch per step, except for alignment presets, which keep their accumulation (their statistics come from the
-rows of a whole step: 2 x GA rows per task). The adapter, alignment loss, routing and procedure stay the preset's.
+micro-batch per step, except for alignment presets, which keep their accumulation (their statistics come from
+the rows of a whole step: 2 x GA rows per task). The adapter, alignment loss, routing and procedure stay the
+preset's.
 LoraHub presets compose a small library of two tiny LoRAs trained first with the preset's LoRA shape.
 """
 
