@@ -105,15 +105,17 @@ SWEEP_RUN := model=tiny data=synthetic debug=smoke model.max_seq_len=96 train.pr
 	train.gradient_checkpointing=false train.micro_batch_size=8 train.gradient_accumulation_steps=1 \
 	train.max_steps=20 'eval.suites=[heldin]' eval.max_examples_per_task=16
 SWEEP_METRIC ?= heldin_token_acc
+# the λ sweep's KL statistics come from a whole step (alignment.window=step): 2 rows x 5 micro-batches per task
+SWEEP_LAMBDA_RUN := train.gradient_accumulation_steps=5
 else
 SWEEP_RUN := $(if $(TABLE_MODEL),model=$(TABLE_MODEL))
 SWEEP_METRIC ?= heldin_exact_match
 endif
 sweep_dir = $(or $(SWEEP_DIR),$(or $(MTLORA_OUTPUT_DIR),outputs)/sweeps/$(1)_$(or $(TABLE_MODEL),$(if $(filter 1,$(SMOKE)),tiny,default))_$(LORAHUB_STAMP))
-# $(call run_sweep,<name>,<hparams_search preset>,<config path grouped by>,<plot>)
+# $(call run_sweep,<name>,<hparams_search preset>,<config path grouped by>,<plot>[,<overrides after SWEEP_RUN>])
 define run_sweep
 	dir='$(call sweep_dir,$(1))'; \
-	$(PYTHON) -m mtlora.train hparams_search=$(2) $(SWEEP_RUN) 'seed=$(subst $(space),$(comma),$(strip $(SWEEP_SEEDS)))' \
+	$(PYTHON) -m mtlora.train hparams_search=$(2) $(SWEEP_RUN) $(5) 'seed=$(subst $(space),$(comma),$(strip $(SWEEP_SEEDS)))' \
 		"hydra.sweep.dir=$$dir" 'hydra.sweep.subdir=$${hydra.job.num}_$(1)-$${$(3)}_s$${seed}' $(ARGS); rc=$$?; \
 	$(PYTHON) scripts/make_tables.py --runs "$$dir" --metric $(SWEEP_METRIC) --group-by $(3) --plot $(4) \
 		--out $(REPORTS_DIR)/sweep_$(1) || exit 1; \
@@ -124,7 +126,7 @@ sweep-ranks: $(STAMP) ## rank sweep (hparams_search=rank_sweep) + summary and me
 	$(call run_sweep,ranks,rank_sweep,adapter.rank,rank)
 
 sweep-lambda: $(STAMP) ## Align-LoRA λ sweep (hparams_search=lambda_sweep) + summary and λ-sensitivity plot
-	$(call run_sweep,lambda,lambda_sweep,alignment.weight,lambda)
+	$(call run_sweep,lambda,lambda_sweep,alignment.weight,lambda,$(SWEEP_LAMBDA_RUN))
 
 sweep-heads: $(STAMP) ## head-count sweep (hparams_search=head_sweep; ARGS=experiment=|adapter=) + metric-vs-heads plot
 	$(call run_sweep,heads,head_sweep,adapter.num_heads,heads)

@@ -162,7 +162,11 @@ def build(method: str, args: argparse.Namespace, device: torch.device):
     else:
         ctx = inject_adapters(model, acfg)
         if method.startswith("align_"):
-            align = AlignmentTerm.from_config(load_yaml("alignment", method.removeprefix("align_")))
+            # one micro-batch per step (its rows are the window), rows of the benchmark's one length
+            align_cfg = OmegaConf.merge(
+                load_yaml("alignment", method.removeprefix("align_")), {"window": "micro", "pad_to": None}
+            )
+            align = AlignmentTerm.from_config(align_cfg)
     model.to(device).train()
     model.config.use_cache = False
     if args.grad_ckpt:

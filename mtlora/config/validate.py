@@ -25,6 +25,7 @@ from mtlora.data.sources import SOURCE_TYPES
 from mtlora.diagnostics.config import check_diagnostics_config, check_diagnostics_hardware
 from mtlora.errors import ConfigError
 from mtlora.models.loading import DTYPES
+from mtlora.training.alignment import GROUPINGS, WEIGHTINGS, AlignmentTerm, check_alignment_rows
 from mtlora.training.compile import compile_settings
 from mtlora.training.loss import LOSS_IMPLS
 from mtlora.training.meta import MetaLearner
@@ -380,13 +381,24 @@ def validate_config(cfg: DictConfig) -> None:
         c.choice("alignment.layer_reduce", ("mean", "sum"))
         c.choice("alignment.window", ("micro", "step"))
         c.rule("alignment.gather", lambda v: isinstance(v, bool), "true or false")
-        if cfg.alignment.get("pool") == "none" and (
-            cfg.alignment.get("window") == "step" or cfg.alignment.get("gather") is True
-        ):
-            c.errors.append(
-                "alignment.pool=none: window=step or gather=true pools rows across micro-batches or processes "
-                "(padded to different lengths); set alignment.pool=mean or masked_mean"
+        for key, allowed in (("grouping", GROUPINGS), ("weighting", WEIGHTINGS)):
+            if c.get(f"alignment.{key}") is not _MISSING:
+                c.choice(f"alignment.{key}", allowed)
+        if c.get("alignment.backprop") is not _MISSING:
+            c.rule("alignment.backprop", lambda v: isinstance(v, bool), "true or false")
+        pad_to = c.get("alignment.pad_to")
+        if pad_to not in (_MISSING, None):
+            max_len = cfg.model.get("max_seq_len")
+            c.rule(
+                "alignment.pad_to",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= (max_len or 1),
+                f"null or a number of positions >= model.max_seq_len ({max_len}), so that every row fits",
             )
+        if not c.errors:  # the cross-key rules of the term (window / pool / pad_to / grouping)
+            try:
+                AlignmentTerm.from_config(cfg.alignment)
+            except ConfigError as e:
+                c.errors.append(str(e))
         c.rule(
             "alignment.layers",
             lambda v: v in ("all", "attn", "mlp") or (isinstance(v, ListConfig) and len(v) > 0),
@@ -478,7 +490,8 @@ def validate_config(cfg: DictConfig) -> None:
         c.errors.append(f"resume={resume!r}: must be null, 'auto', or an existing run/checkpoint dir")
     if not c.errors:
         try:
-            rows_per_task(cfg)
+            k = rows_per_task(cfg)
+            check_alignment_rows(cfg, k, len(selected_tasks(cfg.data)))  # rows behind each statistic
         except ConfigError as e:
             c.errors.append(str(e))
     if c.errors:

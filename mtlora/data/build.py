@@ -61,11 +61,14 @@ def rows_per_task(cfg: DictConfig) -> int | None:
     n_tasks = len(selected_tasks(cfg.data))
     mbs = int(cfg.train.micro_batch_size)
     k = cfg.data.get("rows_per_task") or mbs // max(n_tasks, 1)
-    low = 2 if aligned or meta else 1
+    # alignment over one micro-batch needs 2 rows per task; over a window (alignment.window=step) the
+    # alignment term checks its rows per group (mtlora.training.alignment)
+    low = 2 if meta or (aligned and cfg.alignment.get("window", "micro") == "micro") else 1
     if k < low or k * n_tasks != mbs:
+        why = " (alignment needs 2 to estimate a variance)" if low == 2 else ""
         raise ConfigError(
             f"task-balanced batching: train.micro_batch_size={mbs} must equal data.rows_per_task ({k}) x "
-            f"{n_tasks} tasks with at least {low} row(s) per task (alignment needs 2 to estimate a variance)"
+            f"{n_tasks} tasks with at least {low} row(s) per task{why}"
         )
     return int(k)
 
@@ -85,13 +88,14 @@ class MultiTaskData:
     #: ``data.packing``: pack each micro-batch into rows of this many tokens (None: pad, no packing)
     pack_tokens: int | None = None
 
-    def batch(self, pairs: np.ndarray) -> dict:
+    def batch(self, pairs: np.ndarray, pad_to: int | None = None) -> dict:
         """Collate the training rows named by ``pairs`` (rows of ``(task_id, row)``); packed into rows of
-        ``pack_tokens`` tokens when set (mtlora.data.packing)."""
+        ``pack_tokens`` tokens when set (mtlora.data.packing); right-padded to ``pad_to`` positions when
+        given."""
         examples = [self.train[int(t)][int(i)] for t, i in pairs]
         if self.pack_tokens:
             return pack(examples, [int(t) for t, _ in pairs], self.pad_id, self.pack_tokens)
-        return collate(examples, [int(t) for t, _ in pairs], self.pad_id)
+        return collate(examples, [int(t) for t, _ in pairs], self.pad_id, pad_to)
 
     def summary(self) -> list[dict]:
         return [

@@ -35,9 +35,16 @@ def tokenize_examples(ds: datasets.Dataset, tokenizer, max_seq_len: int) -> data
     return ds.map(encode, batched=True, desc="tokenize", load_from_cache_file=False)
 
 
-def collate(examples: Sequence[dict], task_ids: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized examples: ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``."""
+def collate(
+    examples: Sequence[dict], task_ids: Sequence[int], pad_id: int, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples: ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``;
+    to the longest row, or to ``pad_to`` positions when given (``ValueError`` if a row is longer)."""
     width = max(len(e["input_ids"]) for e in examples)
+    if pad_to is not None:
+        if width > pad_to:
+            raise ValueError(f"collate: a row of {width} tokens does not fit pad_to={pad_to}")
+        width = pad_to
     n = len(examples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)

@@ -20,7 +20,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_MMD_BANDWIDTHS", "alignment_loss", "gaussian_kl", "mmd", "pool"]
+__all__ = [
+    "DEFAULT_MMD_BANDWIDTHS",
+    "alignment_loss",
+    "gaussian_kl",
+    "mmd",
+    "pool",
+    "released_group_ids",
+    "released_groups",
+]
 
 #: The 19 kernel "sigmas" of the released A-LoRA-M code (each acts as a variance: exp(-d²/(2σ))).
 DEFAULT_MMD_BANDWIDTHS: tuple[float, ...] = (
@@ -179,6 +187,53 @@ def pool(z: Tensor, mask: Tensor | None, mode: str) -> Tensor:
         )
     m = mask.to(device=zf.device, dtype=torch.float32)
     return (zf * m[..., None]).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def released_groups(n_rows: int, split: int, n_groups: int) -> list[int]:
+    r"""Group of every position ``p = 0..N-1`` of a window under the released Align-LoRA index arithmetic.
+
+    The released trainer splits the window's ``N`` rows into consecutive chunks of ``split`` rows (its
+    gradient-accumulation count), cuts every chunk into ``n_groups`` near-equal consecutive pieces and calls
+    the t-th pieces of all chunks "group t". For chunk ``c`` of length :math:`L_c` the pieces hold
+    :math:`s_c = \lceil L_c / T\rceil` rows (``T = n_groups``; the last piece may hold fewer), so
+
+    .. math::
+        g(p) = \Big\lfloor \frac{p \bmod \mathrm{split}}{s_{\lfloor p/\mathrm{split}\rfloor}} \Big\rfloor
+
+    A chunk that yields fewer than ``n_groups`` pieces (e.g. 10 rows into 8 pieces of 2 gives 5 pieces) has
+    no row for the remaining groups, where the released code fails; ``ValueError`` is raised then.
+    """
+    if n_rows < 1 or split < 1 or n_groups < 1:
+        raise ValueError(
+            f"released_groups: n_rows, split, n_groups must be >= 1, got {n_rows}, {split}, {n_groups}"
+        )
+    out = []
+    for start in range(0, n_rows, split):
+        length = min(split, n_rows - start)
+        size = -(-length // n_groups)
+        if -(-length // size) < n_groups:
+            raise ValueError(
+                f"released_groups: a chunk of {length} rows splits into {-(-length // size)} pieces of {size}, "
+                f"fewer than the {n_groups} groups"
+            )
+        out += [o // size for o in range(length)]
+    return out
+
+
+def released_group_ids(task_ids: Sequence[Tensor], split: int, n_groups: int) -> Tensor:
+    """Group id of every row of a window of micro-batches (``task_ids``: one ``(B_i,)`` tensor per micro-batch)
+    under :func:`released_groups`, rows laid out as the released sampler lays them out: each micro-batch's rows
+    ordered by task id (its sampler draws the tasks in task order), micro-batches in order. Returns the ids of
+    the rows in their given order, concatenated, shape ``(sum B_i,)``."""
+    positions, offset = [], 0
+    for ids in task_ids:
+        order = torch.argsort(ids.detach().cpu(), stable=True)  # k-th row of the task-ordered layout
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(len(order)) + offset
+        positions.append(pos)
+        offset += len(order)
+    groups = torch.tensor(released_groups(offset, split, n_groups), dtype=torch.long)
+    return groups[torch.cat(positions)]
 
 
 def _select_layers(names: Sequence[str], layers: str | Sequence[str]) -> list[str]:

@@ -48,7 +48,8 @@ SEEDS = (42, 0, 1)
 SMOKE_SEEDS = (0, 1)
 PRESET_MODEL = "preset_model"  # the model dir name when every preset keeps its own model
 SMOKE_MMLU_SUBJECTS = ("anatomy", "virology")
-# --smoke: what this machine cannot do otherwise (no hub weights or data, no GPU), the rest is the preset's
+# --smoke: what this machine cannot do otherwise (no hub weights or data, no GPU), the rest is the preset's;
+# alignment cells keep their gradient accumulation (their statistics come from the rows of a whole step)
 SMOKE_RUN = [
     "model=tiny",
     "data=synthetic",
@@ -172,6 +173,8 @@ def plan(
         cfg = compose([f"experiment={preset}", *run, *extra])
         method = cfg.adapter.get("method")
         cell_run = list(run)
+        if smoke and cfg.alignment.get("name", "none") != "none":  # statistics over the preset's whole step
+            cell_run = [o for o in run if not o.startswith("train.gradient_accumulation_steps=")]
         if method == "lorahub":
             lib = runs_dir / "lorahub_library" / f"{paper}_{table}" / model_dir / cell
             own = str(cfg.adapter.get("library_glob") or "")

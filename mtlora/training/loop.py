@@ -143,6 +143,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         if align is not None:
             raise ConfigError("adapter.meta and alignment cannot be combined: set alignment=none")
         meta.check_rows(per_task, len(data.task_names))
+    if align is not None and per_task:  # statistics from enough rows per group (alignment.window, GA)
+        align.check_rows(
+            per_task, len(data.task_names), int(cfg.train.gradient_accumulation_steps), acc.num_processes
+        )
     steps = total_steps(cfg, stream)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.train.optimizer)(params=trainable)
@@ -229,7 +233,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         while step < steps:
             micro = [next(batches) for _ in range(ga)]
             epoch, batch = micro[-1][0], micro[-1][1] + 1
-            tensors = [{k: v.to(acc.device) for k, v in data.batch(m[2]).items()} for m in micro]
+            pad_to = align.pad_to if align is not None else None  # alignment.pad_to: rows of one length
+            tensors = [{k: v.to(acc.device) for k, v in data.batch(m[2], pad_to).items()} for m in micro]
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in tensors)
             # normalise by the answer tokens of the step on all processes: DDP averages gradients over W
             # processes, so each process scales its CE sum by W / n_global to get the global token mean
@@ -277,7 +282,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                         if sync:
                             a = align.from_pooled(window_reps, window_ids)
                             if a is not None:
-                                pending = pending + align.weight * a
+                                pending = pending + align.step_weight(ga) * a  # λ/GA (code) or λ (paper)
                                 interval.align_sum += float(a.detach())
                             acc.backward(pending, **backward_kwargs(acc))
                     else:

@@ -22,10 +22,13 @@ from mtlora.training.loop import build_model_and_data, run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import logged, train_tiny
 
-# 8 rows of each of the 4 synthetic tasks per micro-batch: with 2 rows a task's variance estimate is too
-# noisy for the KL to be a usable training signal
+# 8 rows of each of the 4 synthetic tasks per micro-batch and one micro-batch per step: with 2 rows a task's
+# variance estimate is too noisy for the KL to be a usable training signal. The KL summed over task pairs
+# (the paper's Eq. 5) so that 40 steps show the effect.
 ALIGN = [
     "train.micro_batch_size=32",
+    "train.gradient_accumulation_steps=1",
+    "alignment.pair_reduce=sum",
     "alignment.pool=masked_mean",
     "train.max_steps=40",
     "eval=none",
@@ -86,8 +89,13 @@ def test_alignment_needs_and_gets_task_balanced_micro_batches(tmp_path: Path) ->
     assert rows_per_task(compose_train([], run_dir=tmp_path)) is None  # no alignment: shuffled
     with pytest.raises(ConfigError, match="needs task-balanced"):
         validate_config(compose_train(["adapter=align_kl", "data.batching=shuffle"], run_dir=tmp_path))
-    with pytest.raises(ConfigError, match="at least 2 row"):
-        validate_config(compose_train(["adapter=align_kl", "train.micro_batch_size=4"], run_dir=tmp_path))
+    micro = ["adapter=align_kl", "alignment.window=micro", "train.micro_batch_size=4"]
+    with pytest.raises(ConfigError, match="at least 2 row"):  # one micro-batch's rows: 2 per task at least
+        validate_config(compose_train(micro, run_dir=tmp_path))
+    # a window of whole steps may hold 1 row per task per micro-batch (the released layout) ...
+    step = ["adapter=align_kl", "train.micro_batch_size=4", "train.gradient_accumulation_steps=6"]
+    assert rows_per_task(compose_train(step, run_dir=tmp_path)) == 1
+    validate_config(compose_train(step, run_dir=tmp_path))
     assert compose_train(["adapter=align_kl", "alignment=none"], run_dir=tmp_path).alignment.name == "none"
 
 
@@ -140,7 +148,9 @@ def test_alignment_under_two_process_ddp(tmp_path: Path) -> None:
 
 STEP_WINDOW = [
     "adapter=align_kl",
-    "train.micro_batch_size=16",
+    "alignment.window=micro",
+    "alignment.weighting=paper",
+    "train.micro_batch_size=24",
     "train.gradient_accumulation_steps=2",
     "alignment.pool=masked_mean",
     "train.max_steps=4",
@@ -153,7 +163,8 @@ STEP_WINDOW = [
 
 def test_step_window_one_backward_trains_like_per_micro_batch_backwards(tmp_path: Path) -> None:
     """With λ=0 the step window's single backward over both micro-batches gives the same updates (same
-    losses) as one backward per micro-batch; with λ>0 it logs the wider-window loss and trains."""
+    losses) as one backward per micro-batch; with λ>0 it logs the wider-window loss (12+12 rows per task)
+    and trains."""
     runs = {}
     for name, extra in {
         "micro0": ["alignment.weight=0.0"],
@@ -167,7 +178,7 @@ def test_step_window_one_backward_trains_like_per_micro_batch_backwards(tmp_path
         runs[name] = _records(d)
     assert [r["loss"] for r in runs["step0"]] == pytest.approx([r["loss"] for r in runs["micro0"]], rel=1e-6)
     assert all(r["align_loss"] > 0 for r in runs["step"])
-    # same first parameters: the step-window statistic (16+16 rows) differs from the mean of two 16-row ones
+    # same first parameters: the step-window statistic (24+24 rows) differs from the mean of two 24-row ones
     assert runs["step"][0]["align_loss"] != pytest.approx(runs["micro"][0]["align_loss"], rel=1e-3)
     assert runs["step"][-1]["loss"] != pytest.approx(runs["micro0"][-1]["loss"], rel=1e-6)
 
@@ -181,6 +192,7 @@ def test_gathered_statistics_under_ddp_equal_one_process_with_the_global_batch(t
         "adapter=align_kl",
         "adapter.dropout=0.0",
         "alignment.pool=masked_mean",
+        "train.gradient_accumulation_steps=1",
         "train.max_steps=3",
         "train.log_every=1",
         "eval=none",
@@ -211,10 +223,12 @@ def test_gathered_statistics_under_ddp_equal_one_process_with_the_global_batch(t
 
 
 def _step_micro_batches(cfg, data, rank: int = 0, world: int = 1) -> list[dict]:
-    """The micro-batches of the first optimizer step of process ``rank`` of ``world``, as the loop draws them."""
+    """The micro-batches of the first optimizer step of process ``rank`` of ``world``, as the loop draws them
+    (rows padded to ``alignment.pad_to``)."""
     stream = BatchStream(data.schedule, int(cfg.train.micro_batch_size), rank, world, rows_per_task(cfg))
     it = stream.iterate()
-    return [data.batch(next(it)[2]) for _ in range(int(cfg.train.gradient_accumulation_steps))]
+    pad_to = cfg.alignment.get("pad_to")
+    return [data.batch(next(it)[2], pad_to) for _ in range(int(cfg.train.gradient_accumulation_steps))]
 
 
 def _initial_model(cfg):
@@ -232,8 +246,9 @@ def _captured(model, b: dict) -> dict:
 
 
 SHARED_A = ["hydralora", "rlora", "mlora", "mtl_lora", "moelora", "dora"]
-ANY_ADAPTER = [
-    "train.micro_batch_size=16",
+ANY_ADAPTER = [  # 6 rows per task per step: the KL's floor
+    "train.micro_batch_size=24",
+    "train.gradient_accumulation_steps=1",
     "train.max_steps=3",
     "train.log_every=1",
     "eval=none",
@@ -297,14 +312,17 @@ def test_per_rank_alignment_under_ddp_is_the_mean_of_each_ranks_own_term(tmp_pat
     from tests.helpers.compose import run_cli
 
     d = tmp_path / window
-    extra = ["alignment.pool=masked_mean", "alignment.window=step"] if window == "step" else []
+    # micro: per position over each micro-batch's own padded length (with dropout 0 the rows' shared prompt
+    # prefix leaves zero-variance positions whose ε-sized variances dominate a 96-position layout)
+    extra = ["alignment.pool=masked_mean"] if window == "step" else ["alignment.pad_to=null"]
     r = run_cli(
         [
             f"hydra.run.dir={d}",
             "hardware=cpu_ddp2",
             "adapter=align_kl",
             "adapter.dropout=0.0",  # train-mode dropout would draw from each rank's RNG stream
-            "train.micro_batch_size=16",
+            f"alignment.window={window}",
+            "train.micro_batch_size=24",
             "train.gradient_accumulation_steps=2",
             "train.max_steps=1",
             "train.log_every=1",

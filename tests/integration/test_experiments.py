@@ -7,8 +7,10 @@ commands that run offline for every table, and one small table runs end to end t
 The 2-step runs and the end-to-end table are ``slow``: ``make test-experiments`` runs all of this file
 (= ``pytest -m 'slow or not slow' tests/integration/test_experiments.py``).
 They substitute only what this machine cannot do: ``model=tiny`` (no hub weights), ``data=synthetic`` (every
-preset's data is hub-only), no evaluation suites, fp32, a micro-batch of 8 (2 rows per synthetic task, so that
-alignment has a variance to estimate). The adapter, alignment loss, routing and procedure stay the preset's.
+preset's data is hub-only), no evaluation suites, fp32, a micro-batch of 8 (2 rows per synthetic task) and one
+micro-batch per step, except for alignment presets, which keep their accumulation (their statistics come from
+the rows of a whole step: 2 x GA rows per task). The adapter, alignment loss, routing and procedure stay the
+preset's.
 LoraHub presets compose a small library of two tiny LoRAs trained first with the preset's LoRA shape.
 """
 
@@ -171,8 +173,11 @@ def test_preset_trains_two_steps_on_the_tiny_model(preset: str, tmp_path: Path) 
         run(compose_train(over, run_dir=d), d)
         assert (d / "metrics" / "lorahub.json").is_file()
         return
-    d = train_tiny(tmp_path, "run", [f"experiment={preset}", *TINY])
-    cfg = compose_train([f"experiment={preset}", *TINY], run_dir=d)
+    tiny = TINY
+    if probe.alignment.name != "none":  # the preset's accumulation window (alignment.window=step)
+        tiny = [o for o in TINY if not o.startswith("train.gradient_accumulation_steps=")]
+    d = train_tiny(tmp_path, "run", [f"experiment={preset}", *tiny])
+    cfg = compose_train([f"experiment={preset}", *tiny], run_dir=d)
     assert cfg.adapter.method == probe.adapter.method and cfg.alignment.name == probe.alignment.name
     lines = (d / "metrics" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -182,7 +187,7 @@ def test_preset_trains_two_steps_on_the_tiny_model(preset: str, tmp_path: Path) 
 def test_trained_cells_of_a_table_share_mixture_and_batching(table: str, tmp_path: Path) -> None:
     """Rows differ in the method only: per training data (a table's columns may use two), every trained cell
     has the same sampling, budget, task selection and effective batching (rows of each task per micro-batch,
-    None = shuffled)."""
+    None = shuffled; micro-batch size and micro-batches per optimizer step)."""
     seen: dict[str, dict[str, object]] = {}
     for preset in (p for p in PRESETS if p.startswith(table + "/")):
         cfg = compose_train([f"experiment={preset}"], run_dir=tmp_path)
@@ -193,6 +198,8 @@ def test_trained_cells_of_a_table_share_mixture_and_batching(table: str, tmp_pat
             "budget": cfg.data.budget,
             "select": OmegaConf.to_container(cfg.data.select) if cfg.data.select else None,
             "rows_per_task": rows_per_task(cfg),
+            "micro_batch_size": cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         }
         first = seen.setdefault(cfg.data.name, {"preset": preset, **mixture})
         assert mixture == {k: v for k, v in first.items() if k != "preset"}, (preset, first["preset"])

@@ -242,7 +242,9 @@ NOT_REPRODUCED = {
     "Align-LoRA Table 4 LoRAMoE 0.38 / Table 5 LoRAMoE (0.68 on 3B per methods.md §4)": (
         "implementation (MOELoRA vs MoLoRA), experts and ranks unknown; no integer MLP rank fits both models"
     ),
-    "Align-LoRA Table 5 A-LoRA-K 0.42 (Qwen2.5-3B)": "r=8 MLP = 0.364, r=9 = 0.410, r=10 = 0.455; none rounds to 0.42",
+    "Align-LoRA Table 5 A-LoRA-K 0.42 (Qwen2.5-3B)": (
+        "r=8 MLP = 0.364, r=9 = 0.410, r=10 = 0.455; none rounds to 0.42 (the t5 presets take r=9, the closest)"
+    ),
 }
 __doc__ += "".join(f"\n* {k}: {v}" for k, v in NOT_REPRODUCED.items()) + "\n"
 
