@@ -37,8 +37,9 @@ def help_text() -> str:
     lines += [f"  {c:<{width}}  {d:<{dwidth}}  python -m {m}" for c, (m, d) in COMMANDS.items()]
     lines += [
         "",
-        "Overrides are Hydra's: group=option, key=value, +new.key=value (e.g. mtlora train model=qwen2.5-0.5b",
-        "adapter=hydralora). Errors are one line naming the key or file; HYDRA_FULL_ERROR=1 shows the traceback.",
+        "Overrides are Hydra's: group=option, key=value, +new.key=value",
+        "(e.g. mtlora train model=qwen2.5-0.5b adapter=hydralora).",
+        "Errors are one line naming the key or file; HYDRA_FULL_ERROR=1 shows the traceback.",
     ]
     return "\n".join(lines)
 

@@ -1,10 +1,10 @@
 """Which exceptions are *user errors*, and their one-line message (:mod:`mtlora.cli.entry` prints it).
 
-User errors are the project's own exceptions (:data:`PROJECT_ERRORS`: ``ConfigError``, ``DataError``, ``RunLoadError``, ...) and the Hugging
-Face Hub's "not cached and offline" / "not found" errors, also when ``transformers`` wraps them in an
-``OSError``. A hub error met while building the model names ``model.hub_id`` (or ``model.tokenizer.hub_id``)
-and offers a local model dir or ``model.init=random model.tokenizer.kind=bytes``. Any other exception is a
-bug and keeps its traceback.
+User errors are the project's own exceptions (:data:`PROJECT_ERRORS`: ``ConfigError``, ``DataError``,
+``RunLoadError``, ...) and the Hugging Face Hub's "not cached and offline" / "not found" errors, also when
+``transformers`` wraps them in an ``OSError``. A hub error met while building the model names
+``model.hub_id`` (or ``model.tokenizer.hub_id``) and offers a local model dir or
+``model.init=random model.tokenizer.kind=bytes``. Any other exception is a bug and keeps its traceback.
 
 Checking an exception imports nothing: the classes are looked up by module and name in the exception's
 type hierarchy, so ``--help`` paths stay free of torch and transformers.
