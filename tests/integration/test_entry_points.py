@@ -55,8 +55,7 @@ def test_run_dir_commands_name_the_missing_run_dir(tmp_path: Path) -> None:
     for module, args in [
         ("mtlora.evaluate", [f"run_dir={missing}", "eval=bbh"]),
         ("mtlora.diagnose", [f"run_dir={missing}"]),
-        ("mtlora.export", [f"run_dir={missing}", "format=peft"]),
-    ]:
+    ]:  # mtlora.export's own handler: tests/integration/test_export.py; its wrapper: tests/unit/test_cli.py
         r = run_module(module, args, cwd=tmp_path, timeout=300)
         assert r.returncode == 2, (module, r.stderr[-2000:])
         assert _error_line(r) == f"error: run dir {missing} does not exist (or is not a directory)", module

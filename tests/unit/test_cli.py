@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlora.cli import COMMANDS, command_argv
-from mtlora.cli.entry import EXIT_USER_ERROR, check_local_overrides, with_default_overrides
+from mtlora.cli.entry import EXIT_USER_ERROR, check_local_overrides, run_main, with_default_overrides
 from mtlora.cli.errors import describe, flatten, hub_error_kind
 from mtlora.errors import ConfigError, DataError
 from tests.helpers.compose import CONF, REPO, compose_train, run_module
@@ -134,6 +134,20 @@ def test_hub_errors_offline_name_the_model_key_and_the_ways_out(monkeypatch, tmp
     assert describe(e.value, with_tok).startswith("model.tokenizer.hub_id=org/tok ")
     # without the model config (or from elsewhere): the hub's own first line
     assert describe(e.value).startswith("Hugging Face Hub: ")
+
+
+def test_plain_entry_points_turn_a_user_error_into_one_line_and_status_2(capsys) -> None:
+    def fails(exc: Exception):
+        def main() -> int:
+            raise exc
+
+        return main
+
+    assert run_main(fails(DataError("row 3 of a.jsonl:\n  bad"))) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == "error: row 3 of a.jsonl: bad\n"
+    assert run_main(lambda: 0) == 0 and run_main(lambda: None) == 0 and run_main(lambda: 1) == 1
+    with pytest.raises(RuntimeError):  # a bug keeps its traceback
+        run_main(fails(RuntimeError("bug")))
 
 
 def test_local_key_is_refused() -> None:
