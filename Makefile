@@ -7,11 +7,15 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 export MTLORA_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM ?= false
+# One install stamp per set of extras: the runtime dependencies (`pip install -e .`) for running jobs, the
+# dev extras (pytest, ruff, peft, DeepSpeed, the sweep plugins) for the tests, nevergrad for LoraHub.
 STAMP := .make/install.stamp
+DEV_STAMP := .make/install-dev.stamp
+LORAHUB_INSTALL := .make/install-lorahub.stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train smoke test test-full test-gpu lint format clean sync-wandb lorahub tables sweep-ranks
+.PHONY: help install install-dev train smoke test test-full test-gpu lint format clean sync-wandb lorahub tables sweep-ranks
 
 # Targets with a `## ` comment, pattern targets (table-%) included; colour only on a terminal.
 help: ## list the targets
@@ -19,12 +23,25 @@ help: ## list the targets
 	grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | \
 	awk -F':.*?## ' -v c="$$c" -v r="$$r" '{t=$$1; sub(/%$$/, "<paper>-<table>", t); printf "  %s%-22s%s %s\n", c, t, r, $$2}'
 
-$(STAMP): pyproject.toml
+# $(call pip_install,<extras or empty>): torch first (only when none is importable), then mtlora (editable)
+define pip_install
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_SPEC)
-	$(PYTHON) -m pip install -e ".[dev]"
-	@mkdir -p .make && touch $(STAMP)
+	$(PYTHON) -m pip install -e ".$(if $(1),[$(1)])"
+	@mkdir -p .make && touch $@
+endef
 
-install: $(STAMP) ## install mtlora and its dependencies (CPU torch only if no torch is installed)
+$(STAMP): pyproject.toml setup.py
+	$(call pip_install,)
+
+$(DEV_STAMP): pyproject.toml setup.py
+	$(call pip_install,dev)
+
+$(LORAHUB_INSTALL): pyproject.toml setup.py
+	$(call pip_install,lorahub)
+
+install: $(STAMP) ## install mtlora and its runtime dependencies (CPU torch only if no torch is installed)
+
+install-dev: $(DEV_STAMP) ## install mtlora with the dev extras (tests, lint, peft, DeepSpeed, sweep plugins)
 
 train: $(STAMP) ## run the embedded default job (tiny model, synthetic tasks, CPU, ~2 min); ARGS="..." adds overrides
 	$(PYTHON) -m mtlora.train $(ARGS)
@@ -52,7 +69,7 @@ LORAHUB_TRAIN := eval.max_examples_per_task=64
 LORAHUB_COMPOSE :=
 endif
 
-lorahub: $(STAMP) ## LoraHub: train one LoRA per task, then compose them (MODEL=tiny, SMOKE=1: a CPU check in ~2 min; ARGS to both)
+lorahub: $(LORAHUB_INSTALL) ## LoraHub: train one LoRA per task, then compose them (MODEL=tiny, SMOKE=1: a CPU check in ~2 min; ARGS to both)
 	$(PYTHON) -m mtlora.train -m model=$(MODEL) 'data.select=$(LORAHUB_SWEEP)' $(LORAHUB_TRAIN) \
 		'hydra.sweep.dir=$(LORAHUB_DIR)/library' 'hydra.sweep.subdir=$${hydra.job.num}_$${data.select.0}' $(ARGS)
 	$(PYTHON) -m mtlora.train model=$(MODEL) adapter=lorahub 'adapter.library_glob=$(LORAHUB_DIR)/library/*' \
@@ -80,7 +97,7 @@ SEEDS ?= 42 0 1
 endif
 TABLE_MODEL := $(if $(filter command line environment,$(origin MODEL)),$(MODEL))
 
-table-%: $(STAMP) ## run all cells of a paper table x SEEDS, then its report (table-align-t4 MODEL=..., SMOKE=1)
+table-%: $(LORAHUB_INSTALL) ## run all cells of a paper table x SEEDS, then its report (table-align-t4 MODEL=..., SMOKE=1)
 	$(PYTHON) -m mtlora.report.run_table $* --seeds $(SEEDS) $(if $(TABLE_MODEL),--model $(TABLE_MODEL)) \
 		$(if $(filter 1,$(SMOKE)),--smoke) $(if $(filter 1,$(TABLE_DRY_RUN)),--dry-run) \
 		--runs-dir $(TABLES_DIR) --reports-dir $(REPORTS_DIR) $(foreach p,$(TABLE_PLOTS),--plot $(p)) -- $(ARGS)
@@ -135,13 +152,13 @@ rerun-failed: $(STAMP) ## rerun a sweep's failed jobs in their run dirs with res
 	@test -n "$(SWEEP)" || { echo "usage: make rerun-failed SWEEP=<sweep dir> [ARGS=extra overrides]"; exit 2; }
 	$(PYTHON) -m mtlora.run.callbacks rerun "$(SWEEP)" $(ARGS)
 
-test: $(STAMP) ## the CPU test suite (what CI runs; slow and GPU tests excluded)
+test: $(DEV_STAMP) ## the CPU test suite (what CI runs; slow and GPU tests excluded)
 	$(PYTHON) -m pytest $(ARGS)
 
-test-full: $(STAMP) ## every CPU test, the slow ones included
+test-full: $(DEV_STAMP) ## every CPU test, the slow ones included
 	$(PYTHON) -m pytest -m "not gpu" $(ARGS)
 
-test-gpu: $(STAMP) ## the GPU tests (needs CUDA)
+test-gpu: $(DEV_STAMP) ## the GPU tests (needs CUDA)
 	$(PYTHON) -m pytest -m gpu $(ARGS)
 
 .PHONY: preset-health
@@ -149,14 +166,14 @@ preset-health: $(STAMP) ## every paper preset trains: 30 smoke steps each vs pla
 	$(PYTHON) scripts/preset_health.py $(ARGS)
 
 .PHONY: test-experiments
-test-experiments: $(STAMP) ## every paper-table preset composes and trains 2 steps (tiny model); a SMOKE table end to end
+test-experiments: $(DEV_STAMP) ## every paper-table preset composes and trains 2 steps (tiny model); a SMOKE table end to end
 	$(PYTHON) -m pytest -m "slow or not slow" tests/integration/test_experiments.py $(ARGS)
 
-lint: $(STAMP) ## ruff lint + format check
+lint: $(DEV_STAMP) ## ruff lint + format check
 	$(PYTHON) -m ruff check mtlora tests scripts
 	$(PYTHON) -m ruff format --check mtlora tests scripts
 
-format: $(STAMP) ## ruff fix + format
+format: $(DEV_STAMP) ## ruff fix + format
 	$(PYTHON) -m ruff check --fix mtlora tests scripts
 	$(PYTHON) -m ruff format mtlora tests scripts
 

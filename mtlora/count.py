@@ -37,11 +37,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtlora.adapters.inject import adapter_layers, inject_adapters
-from mtlora.data.build import selected_tasks
+from mtlora.cli.entry import user_errors, with_default_overrides
 from mtlora.errors import ConfigError
-from mtlora.lorahub import resolve_library
-from mtlora.models.loading import count_parameters, meta_model
+from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -61,6 +59,9 @@ NO_OUTPUT_OVERRIDES = {
 
 def count(cfg: DictConfig) -> dict[str, Any]:
     """Total / trainable parameters and adapted modules of ``cfg.model`` with ``cfg.adapter`` injected."""
+    from mtlora.adapters.inject import adapter_layers, inject_adapters  # torch: not on the --help path
+    from mtlora.models.loading import count_parameters, meta_model
+
     model = meta_model(cfg.model)
     base = count_parameters(model)["total"]
     inject_adapters(model, cfg.adapter)
@@ -96,6 +97,9 @@ def count(cfg: DictConfig) -> dict[str, Any]:
 
 def lorahub_library_size(cfg: DictConfig) -> tuple[int, str]:
     """``K``, the LoRAs a LoraHub config composes, and where the number comes from (module doc)."""
+    from mtlora.data.build import selected_tasks  # heavy imports: not on the --help path
+    from mtlora.lorahub import resolve_library
+
     a = cfg.adapter
     if a.get("num_modules") is not None:
         return int(a.num_modules), "adapter.num_modules"
@@ -160,16 +164,16 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
-    print(format_table(count(cfg)), flush=True)
+    with user_errors(cfg):
+        print(format_table(count(cfg)), flush=True)
 
 
 def _with_defaults(argv: list[str]) -> list[str]:
-    """``argv`` plus :data:`NO_OUTPUT_OVERRIDES` for the keys it does not set itself."""
-    given = {a.split("=", 1)[0].lstrip("+~") for a in argv[1:] if "=" in a}
-    extra = [f"{k}={v}" for k, v in NO_OUTPUT_OVERRIDES.items() if k not in given]
-    return [argv[0], *extra, *argv[1:]]
+    """``argv`` plus :data:`NO_OUTPUT_OVERRIDES` and this command's help (conf/hydra/help/count.yaml) for
+    the keys it does not set itself."""
+    return with_default_overrides(argv, {**NO_OUTPUT_OVERRIDES, "hydra/help": "count"})
 
 
 if __name__ == "__main__":

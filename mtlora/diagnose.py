@@ -40,8 +40,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.count import NO_OUTPUT_OVERRIDES
+from mtlora.errors import ConfigError
 from mtlora.run.tracker import Tracker
+from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -141,20 +144,23 @@ def diagnose(
     return records
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     run_dir = cfg.get("run_dir")
-    if not run_dir:
-        raise SystemExit("usage: python -m mtlora.diagnose run_dir=<run dir> [diagnostics=full] [...]")
     given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    records = diagnose(
-        run_dir,
-        cfg.diagnostics,
-        str(cfg.get("device") or "cpu"),
-        bool(cfg.get("allow_incomplete")),
-        logger=cfg.logger if "logger" in given else None,  # else the run's own logger
-    )
+    with user_errors(cfg, model=lambda: run_model(run_dir)):
+        if not run_dir:
+            raise ConfigError(
+                "run_dir= is required: python -m mtlora.diagnose run_dir=<run dir> [diagnostics=full]"
+            )
+        records = diagnose(
+            run_dir,
+            cfg.diagnostics,
+            str(cfg.get("device") or "cpu"),
+            bool(cfg.get("allow_incomplete")),
+            logger=cfg.logger if "logger" in given else None,  # else the run's own logger
+        )
     done = sorted({r["diagnostic"] for r in records})
     print(
         f"diagnostics {done} of {run_dir} -> {Path(run_dir) / 'metrics' / 'diagnostics.jsonl'}, "
@@ -173,11 +179,8 @@ def with_defaults(argv: list[str]) -> list[str]:
     unless a ``diagnostics=`` choice is given, and :data:`mtlora.count.NO_OUTPUT_OVERRIDES` for the keys it
     does not set itself."""
     args = [f"+{a}" if a.split("=", 1)[0] in EXTRA_KEYS else a for a in argv[1:]]
-    given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
-    extra = [f"{k}={v}" for k, v in NO_OUTPUT_OVERRIDES.items() if k not in given]
-    if "diagnostics" not in given:
-        extra.append("diagnostics=default")
-    return [argv[0], *extra, *args]
+    defaults = {**NO_OUTPUT_OVERRIDES, "hydra/help": "diagnose", "diagnostics": "default"}
+    return with_default_overrides([argv[0], *args], defaults)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.errors import ConfigError
+from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -46,6 +47,7 @@ NO_OUTPUT_OVERRIDES = {
     "hydra.output_subdir": "null",
     "hydra/job_logging": "none",
     "hydra/hydra_logging": "none",
+    "hydra/help": "evaluate",  # conf/hydra/help/evaluate.yaml: this command's options
 }
 #: our own options, taken off the command line before Hydra sees it
 OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device")
@@ -107,6 +109,8 @@ def evaluate(cfg: DictConfig, opts: dict) -> dict:
 
 def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     """The suites of ``cfg.eval`` on the run of ``opts["run_dir"]`` or the base model (``opts["adapter_none"]``)."""
+    import torch
+
     from mtlora.eval.bbh_suite import run_bbh, summary_line
 
     suites = list(cfg.eval.suites)
@@ -169,11 +173,13 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
 _OPTS: dict = {}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    log.info("eval config:\n%s", OmegaConf.to_yaml(cfg.eval))
-    evaluate(cfg, _OPTS)
+    run_dir = _OPTS.get("run_dir")
+    with user_errors(cfg, model=(lambda: run_model(run_dir)) if run_dir else None):
+        log.info("eval config:\n%s", OmegaConf.to_yaml(cfg.eval))
+        evaluate(cfg, _OPTS)
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], dict]:
@@ -188,9 +194,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
             opts["adapter_none"] = True
         else:
             rest.append(a)
-    given = {a.split("=", 1)[0].lstrip("+~") for a in rest[1:] if "=" in a}
-    extra = [f"{k}={v}" for k, v in NO_OUTPUT_OVERRIDES.items() if k not in given]
-    return [rest[0], *extra, *rest[1:]], opts
+    return with_default_overrides(rest, NO_OUTPUT_OVERRIDES), opts
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+if __name__ == "__main__":  # `--help` answers before torch and transformers load
+    from mtlora.cli.entry import exit_if_help
+
+    exit_if_help(sys.argv[1:], __doc__)
+
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -397,8 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = export_run(**args)
     except (ExportError, RunLoadError, ConfigError) as e:
+        from mtlora.cli.entry import EXIT_USER_ERROR
+
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     task = f", task_id={args['task_id']}" if args.get("task_id") is not None else ""
     log.info("exported %s (format=%s%s) to %s", args["run_dir"], args["format"], task, out)
     if args["format"] == "peft":
@@ -414,4 +421,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtlora.cli.entry import argv_value, run_main, run_model
+
+    sys.exit(run_main(main, model=lambda: run_model(argv_value(sys.argv[1:], "run_dir"))))

@@ -10,8 +10,9 @@
 Returns the metric named by ``optimized_metric`` (default: the final held-out macro exact match), for Hydra
 sweepers that optimise a metric. In a multirun, a job that raises is marked ``FAILED`` and returns a failure
 value (-inf/+inf when the sweeper maximises/minimises, else NaN) so that the sweep goes on; single runs
-still raise (exit non-zero). A job requeued by SLURM (``SLURM_RESTART_COUNT`` > 0) with ``resume=null``
-resumes as with ``resume=auto``.
+stop: a user error (``ConfigError``, ``DataError``, a hub model not cached offline, ...) with one line and
+exit status 2 (:mod:`mtlora.cli.entry`), anything else with its traceback. A job requeued by SLURM
+(``SLURM_RESTART_COUNT`` > 0) with ``resume=null`` resumes as with ``resume=auto``.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from mtlora.adapters.inject import check_targets
-from mtlora.config import validate_config
+from mtlora.cli.entry import user_errors
+from mtlora.cli.errors import describe
 from mtlora.errors import ConfigError
-from mtlora.launch import spawn_workers
-from mtlora.models.loading import meta_model
 from mtlora.run.meta import config_hash, record_resume, write_meta
 from mtlora.run.rundir import RESOLVED_CONFIG, RunDirBusy, claim, finish, save_resolved_config
 from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker
+from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
+
+# torch, transformers and the training code are imported where they are used, so that `--help` and
+# `--cfg job` answer without loading them.
 
 register_resolvers()
 log = logging.getLogger("mtlora.train")
@@ -45,6 +48,10 @@ log = logging.getLogger("mtlora.train")
 
 def preflight(cfg: DictConfig) -> None:
     """Every check that needs no weights: values, and target modules against the meta-device model."""
+    from mtlora.adapters.inject import check_targets
+    from mtlora.config import validate_config
+    from mtlora.models.loading import meta_model
+
     if cfg.adapter.get("method") == "none":  # a Base row (conf/experiment/<paper>/<table>/base.yaml)
         raise ConfigError(
             "adapter.method=none: the base model has nothing to train; evaluate it with "
@@ -61,6 +68,13 @@ def preflight(cfg: DictConfig) -> None:
         from mtlora.lorahub import preflight_lorahub
 
         preflight_lorahub(cfg)
+
+
+def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
+    """:func:`mtlora.launch.spawn_workers`, imported on first use (it loads torch)."""
+    from mtlora.launch import spawn_workers as spawn
+
+    return spawn(cfg, run_dir)
 
 
 DEFAULT_METRIC = "heldin/exact_match"
@@ -99,7 +113,11 @@ def _job_failed(run_dir: Path, e: Exception) -> float:
     if not isinstance(e, RunDirBusy) and not (run_dir / "FAILED").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         finish(run_dir, ok=False, message=repr(e))
-    log.exception("job failed (the sweep goes on): %s", run_dir)
+    message = describe(e)
+    if message is None:
+        log.exception("job failed (the sweep goes on): %s", run_dir)
+    else:  # a user error: its one line (mtlora.cli.errors)
+        log.error("job failed (the sweep goes on): %s: %s", run_dir, message)
     direction = str(HydraConfig.get().sweeper.get("direction", "")).lower()
     return (
         -math.inf
@@ -215,22 +233,23 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
     return _result(run_dir, cfg.get("optimized_metric"))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     exit_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if launched_as_worker():
-        return run_direct_worker(cfg, run_dir)
-    if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
-        with read_write(cfg), open_dict(cfg):
-            cfg.resume = "auto"
-    if not _multirun():
-        return run(cfg, run_dir)
-    try:
-        return run(cfg, run_dir)
-    except Exception as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
-        return _job_failed(run_dir, e)
+    with user_errors(cfg):  # a user error: one line, exit status 2 (mtlora.cli.entry)
+        if launched_as_worker():
+            return run_direct_worker(cfg, run_dir)
+        if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
+            with read_write(cfg), open_dict(cfg):
+                cfg.resume = "auto"
+        if not _multirun():
+            return run(cfg, run_dir)
+        try:
+            return run(cfg, run_dir)
+        except Exception as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
+            return _job_failed(run_dir, e)
 
 
 if __name__ == "__main__":

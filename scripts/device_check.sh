@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks in one call of the lent GPU machine (15 min of device time per task, <= 10 min per
-# command), from the repo root there, after scripts/device_wheels.sh here:
-#   run(command="bash scripts/device_check.sh", carry=[".whl"], timeout_s=590)
+# GPU checks for a machine with a CUDA GPU and no network. Run from the repository root there, after
+# scripts/device_wheels.sh has filled .whl/ on a machine with PyPI access and .whl/ came along:
+#   OUT=<results dir> bash scripts/device_check.sh
 # Writes to $OUT: env.txt, test_gpu.log (pytest -m gpu, tests/gpu), bench_train.jsonl + bench_*.log
 # (scripts/bench_train.py: ours vs peft's LoRA and the multi-task adapters, Qwen2.5 shapes, bf16).
-# Each step has its own time limit, so a slow one cannot eat the others'. DeepSpeed is not carried
-# (its ZeRO paths are tested on the CPU in CI: tests/integration/test_deepspeed_training.py); its GPU
-# tests skip. Record the results with their command lines in docs/benchmarks.md.
+# Each step has its own time limit, so a slow one cannot hold up the others. DeepSpeed is not installed
+# (its ZeRO paths are tested on the CPU: tests/integration/test_deepspeed_training.py); its GPU tests skip.
+# Record the results with their command lines in docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"

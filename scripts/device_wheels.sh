@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Fetch, on a machine with PyPI access, the wheels that the lent GPU machine lacks (its image has torch,
-# transformers, accelerate, peft, pytest, pandas... but not Hydra, OmegaConf or datasets, and nothing can be
-# fetched there) into .whl/ (git-ignored through .git/info/exclude), for scripts/device_check.sh.
-# Python 3.12, x86-64 (that machine's python3). pyarrow (55 MB) comes along because datasets 5.x needs
-# pyarrow >= 24; the whole tree that travels must stay under 64 MiB.
+# On a machine with PyPI access: download into .whl/ (git-ignored) the wheels that a GPU machine without
+# network may lack, for scripts/device_check.sh there. A typical CUDA image has torch, transformers,
+# accelerate, peft, pytest and pandas but not Hydra, OmegaConf or datasets. The wheels are for Python 3.12
+# on x86-64 Linux (change the --python-version and --platform options below for another target). pyarrow
+# (55 MB) comes along because datasets 5.x needs pyarrow >= 24.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 py312=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)

@@ -41,8 +41,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlora.errors import ConfigError
+from mtlora.utils.paths import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
+CONF = CONF_DIR  # the checkout's conf/, or the installed package's mtlora/conf
 ALIASES = {"align": "align_lora", "hydra": "hydralora", "mtl": "mtl_lora"}
 SEEDS = (42, 0, 1)
 SMOKE_SEEDS = (0, 1)
@@ -90,7 +93,7 @@ def resolve_table(name: str, table: str | None = None) -> tuple[str, str]:
     """``("align_lora", "t4")`` for ``"align-t4"`` (or ``name="align_lora", table="t4"``)."""
     if table is None:
         if "-" not in name:
-            raise SystemExit(f"table {name!r}: expected <paper>-<table>, e.g. align-t4")
+            raise ConfigError(f"table {name!r}: expected <paper>-<table>, e.g. align-t4")
         name, table = name.rsplit("-", 1)
     return ALIASES.get(name, name), table
 
@@ -98,7 +101,7 @@ def resolve_table(name: str, table: str | None = None) -> tuple[str, str]:
 def presets(paper: str, table: str) -> list[str]:
     found = sorted((CONF / "experiment" / paper / table).glob("*.yaml"))
     if not found:
-        raise SystemExit(f"no presets conf/experiment/{paper}/{table}/*.yaml")
+        raise ConfigError(f"table {paper}-{table}: no presets conf/experiment/{paper}/{table}/*.yaml")
     return [f"{paper}/{table}/{p.stem}" for p in found]
 
 
@@ -296,4 +299,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtlora.cli.entry import run_main
+
+    sys.exit(run_main(main))

@@ -66,10 +66,17 @@ def check_swept_keys(cfg: DictConfig, keys: Any = None) -> None:
 
 class SweptKeysCheck(Callback):
     """:func:`check_swept_keys` on the multirun's composed config, before the sweeper starts any job. Hydra
-    turns a callback's exception into a warning and goes on, so a failed check exits (status 1) instead."""
+    turns a callback's exception into a warning and goes on, so a failed check exits instead: one line,
+    status 2, as every user error (:mod:`mtlora.cli.entry`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mtlora.cli.entry import EXIT_USER_ERROR, full_error, report
+        from mtlora.cli.errors import flatten
+
         try:
             check_swept_keys(config)
         except ConfigError as e:
-            raise SystemExit(f"ConfigError: {e}") from e
+            if full_error():
+                raise
+            report(flatten(str(e)))
+            raise SystemExit(EXIT_USER_ERROR) from None

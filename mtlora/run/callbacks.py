@@ -227,4 +227,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtlora.cli.entry import run_main
+
+    sys.exit(run_main(main))  # a user error: one line, exit status 2

@@ -142,6 +142,19 @@ def uses_deepspeed(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED
 
 
+def unwrap_model(acc, model: torch.nn.Module) -> torch.nn.Module:
+    """``acc.unwrap_model(model)`` without importing DeepSpeed in runs that do not use it: Accelerate
+    imports it whenever it is installed, and DeepSpeed then logs its accelerator choice ("Setting
+    accelerator to CPU") in every plain run. Without DeepSpeed the wrappers are DDP / DataParallel (the
+    decoder layers compile in place, ``train.compile``), each holding the model as ``.module``."""
+    if uses_deepspeed(acc):
+        return acc.unwrap_model(model)
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
 def zero_stage(acc) -> int:
     if not uses_deepspeed(acc):
         return 0

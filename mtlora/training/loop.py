@@ -51,6 +51,7 @@ from mtlora.training.deepspeed import (
     eval_on_every_rank,
     micro_batch_context,
     model_build_context,
+    unwrap_model,
     uses_deepspeed,
     zero3_gathered,
     zero_stage,
@@ -156,7 +157,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         num_training_steps=steps,
     )
     model, optimizer = acc.prepare(model, optimizer)
-    inner = acc.unwrap_model(model)
+    inner = unwrap_model(acc, model)  # DeepSpeed is imported only when the run uses it
     ctx = inner.adapter_context
 
     # ZeRO-3: every rank gathers the (small) base model so that the main process saves/fingerprints it whole

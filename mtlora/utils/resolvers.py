@@ -7,7 +7,9 @@ import os
 from omegaconf import OmegaConf
 
 from mtlora.utils.dist import env_rank
-from mtlora.utils.paths import REPO_ROOT
+from mtlora.utils.paths import REPO_ROOT, project_root
+
+__all__ = ["REPO_ROOT", "register_resolvers"]
 
 
 def _rank_subdir(name: str = ".hydra") -> str:
@@ -31,7 +33,7 @@ def _num_tasks(tasks, select) -> int:
 def register_resolvers() -> None:
     """Register the ``mtlora.*`` resolvers (idempotent)."""
     table = {
-        "mtlora.root": lambda: str(REPO_ROOT),
+        "mtlora.root": lambda: str(project_root()),
         "mtlora.pid": lambda: str(os.getpid()),
         "mtlora.rank_subdir": _rank_subdir,
         "mtlora.rank_suffix": _rank_suffix,

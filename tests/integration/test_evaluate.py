@@ -23,6 +23,9 @@ from tests.helpers.compose import CONF, REPO, compose_train, run_module
 from tests.helpers.training import SHORT_RUN
 
 TASKS = ["navigate", "snarks", "word_sorting"]  # binary, multiple choice, free text
+#: prompts cut to this many tokens (bytes) in the end-to-end test: the 3-shot prompts hold 500-1300, and
+#: generating after all of them on the CPU buys no coverage
+PROMPT_TOKENS = 128
 BASE = [o for o in SHORT_RUN if not o.startswith("eval=")] + ["train.max_steps=3"]
 
 
@@ -39,8 +42,8 @@ def _train(tmp_path: Path, name: str, overrides: list[str]) -> Path:
 
 
 @torch.no_grad()
-def _greedy_forward(model, tok, prompt: str, n_new: int) -> str:
-    ids, out = tok(prompt)["input_ids"], []
+def _greedy_forward(model, tok, ids: list[int], n_new: int) -> str:
+    out: list[int] = []
     for _ in range(n_new):
         t = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
         if t == tok.eos_token_id:
@@ -52,6 +55,7 @@ def _greedy_forward(model, tok, prompt: str, n_new: int) -> str:
 def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
     # training with eval=bbh runs the suite at the end (here protocol lmeval_fewshot, 1 example)
     over = [*BASE, "eval=bbh", "eval/bbh=lmeval_fewshot", "eval.bbh.limit=1", "eval.bbh.tasks=[navigate]"]
+    over.append(f"eval.bbh.max_input_tokens={PROMPT_TOKENS}")
     run = _train(tmp_path, "run", [*over, "eval.bbh.max_new_tokens=4", "eval.max_examples_per_task=2"])
     m = json.loads((run / "metrics" / "eval_bbh_lmeval_fewshot.json").read_text())
     assert m["protocol"] == "lmeval_fewshot" and m["tasks"]["navigate"]["n"] == 1
@@ -66,7 +70,7 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
     res = run_module(
         "mtlora.evaluate",
         ["eval=bbh", f"run_dir={run}", "eval.bbh.limit=2", f"eval.bbh.tasks=[{','.join(TASKS)}]"]
-        + ["eval.max_examples_per_task=4"],
+        + ["eval.max_examples_per_task=4", f"eval.bbh.max_input_tokens={PROMPT_TOKENS}"],
         cwd=cwd,  # outside the repo: the package comes from PYTHONPATH
         timeout=300,
         env={"PYTHONPATH": str(REPO)},
@@ -87,6 +91,7 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
     assert all(t["n"] == 2 for t in m["tasks"].values())
     assert "papers" in m["macro"]["label"] and "lm-eval" in m["micro"]["label"] and m["micro"]["n"] == 6
     assert m["settings"]["max_new_tokens"] == 32 and m["settings"]["limit"] == 2
+    assert m["settings"]["max_input_tokens"] == PROMPT_TOKENS and m["settings"]["truncation_side"] == "right"
     assert json.loads((run / "metrics" / "eval_heldin.json").read_text())["suite"] == "heldin"
     rows = list(csv.DictReader((run / "metrics" / "eval_bbh_mtlora_direct.csv").open()))
     assert [r["task"] for r in rows] == [*TASKS, "macro", "micro"]
@@ -105,10 +110,14 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
             assert x["extracted"] == bbh.extract("mtlora_direct", task, x["generation"])
             correct.append(x["correct"])
         assert m["tasks"][task]["correct"] == sum(correct)
-    # the saved generation is the forward-pass greedy decode of the loaded run (no cache, no batching)
+    # the saved generation is the forward-pass greedy decode of the loaded run (no cache, no batching) on
+    # the prompt's first PROMPT_TOKENS tokens (mtlora_direct cuts on the right; the byte tokenizer adds no
+    # special tokens)
     x = json.loads((run / "predictions" / "bbh_mtlora_direct" / "navigate.jsonl").open().readline())
     prompt = bbh.build_prompt("mtlora_direct", "navigate", bbh.load_task("navigate")[1][0]["input"])
-    assert x["generation"] == _greedy_forward(model, tok, prompt, 32)
+    ids = tok(prompt)["input_ids"]
+    assert len(ids) > PROMPT_TOKENS and tok(prompt, add_special_tokens=False)["input_ids"] == ids
+    assert x["generation"] == _greedy_forward(model, tok, ids[:PROMPT_TOKENS], 32)
 
 
 def test_lmeval_presets_cut_prompts_to_the_model_length_and_refuse_no_room(tmp_path: Path) -> None:

@@ -212,11 +212,11 @@ def test_unmergeable_adapters_do_not_export(trained, tmp_path: Path, monkeypatch
     cfg = d / "config_resolved.yaml"
     cfg.write_text(cfg.read_text().replace("method: lora", "method: routed_test"))
     for fmt in ("merged", "peft"):
-        assert main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 1
+        assert main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 2
         err = capsys.readouterr().err
         assert f"run dir {d}" in err and "routed_test" in err and "mtlora.load.load_run" in err
         assert not (tmp_path / fmt).exists()
-    assert main([f"run_dir={d}", "format=onnx"]) == 1
+    assert main([f"run_dir={d}", "format=onnx"]) == 2
     assert "format='onnx': allowed values are ['peft', 'merged']" in capsys.readouterr().err
     assert main([f"run_dir={d}", "colour=red"]) == 2
     assert "unknown argument 'colour=red'" in capsys.readouterr().err

@@ -111,7 +111,7 @@ def test_mlora_mean_combine_exports_the_averaged_heads(tmp_path_factory, tmp_pat
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     out = export_peft(d, tmp_path / "peft")
     torch.testing.assert_close(_peft_logits(out, batch), _logits(model, batch), atol=1e-5, rtol=0)
-    assert main([f"run_dir={d}", "format=peft", f"out={out}"]) == 1  # not empty, no overwrite
+    assert main([f"run_dir={d}", "format=peft", f"out={out}"]) == 2  # not empty, no overwrite
 
 
 @pytest.mark.parametrize("offset", [True, False])

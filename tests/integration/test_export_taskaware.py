@@ -70,12 +70,12 @@ def test_cli_task_id_errors_name_task_id(run, tmp_path: Path, capsys) -> None:
     d, names, _, _ = run
     method = json.loads((d / "adapter" / "adapter_config.json").read_text())["adapter"]["method"]
     out = tmp_path / "m"
-    assert main([f"run_dir={d}", "format=merged", f"out={out}"]) == 1
+    assert main([f"run_dir={d}", "format=merged", f"out={out}"]) == 2
     err = capsys.readouterr().err
     assert f"run dir {d}" in err and f"adapter.method='{method}'" in err and "task_id=" in err
     assert str(names) in err and not out.exists()
     for bad in ("nosuchtask", "4", "-1"):
-        assert main([f"run_dir={d}", "format=merged", f"out={out}", f"task_id={bad}"]) == 1
+        assert main([f"run_dir={d}", "format=merged", f"out={out}", f"task_id={bad}"]) == 2
         err = capsys.readouterr().err
         assert f"task_id={bad} is not a task of this run" in err.replace("'", "") and str(names) in err
         assert not out.exists()

@@ -146,8 +146,8 @@ def test_the_sweep_stops_before_any_job_when_its_key_does_not_apply(tmp_path: Pa
     r = run_cli(
         ["hparams_search=lambda_sweep", "experiment=rlora/t4/rlora", f"hydra.sweep.dir={sweep}"], timeout=300
     )
-    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
-    assert "ConfigError: hparams_search=lambda_sweep sweeps alignment.weight, but alignment=none" in r.stderr
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]  # a user error (mtlora.cli.entry)
+    assert "error: hparams_search=lambda_sweep sweeps alignment.weight, but alignment=none" in r.stderr
     assert not list(sweep.glob("*/config_resolved.yaml"))  # no job ran
 
 

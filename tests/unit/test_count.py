@@ -77,6 +77,16 @@ def test_default_overrides_respect_user_values() -> None:
     assert "hydra.run.dir=." not in argv
     assert "hydra.output_subdir=null" in argv
     assert "hydra/job_logging=none" in argv
+    assert "hydra/help=count" in argv  # conf/hydra/help/count.yaml
+
+
+def test_default_overrides_follow_hydra_options() -> None:
+    """Hydra's parser takes the overrides as one run of arguments: the added ones join the user's, and
+    options with a value (``--config-dir DIR``) work on either side."""
+    argv = _with_defaults(["count", "--config-dir", "/c", "local=x"])
+    assert argv[:3] == ["count", "--config-dir", "/c"] and argv[-1] == "local=x" and "hydra.run.dir=." in argv
+    argv = _with_defaults(["count", "--info"])
+    assert argv[0] == "count" and argv[-1] == "--info" and "hydra.run.dir=." in argv
 
 
 def test_router_parameters_are_shown_apart_hydralora_paper_share() -> None:

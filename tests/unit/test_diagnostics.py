@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from mtlora.adapters import inject_adapters
@@ -915,14 +915,20 @@ def test_diagnostics_under_zero3_are_refused_at_validation(hardware: str, monkey
     """ZeRO-3 partitions the parameters the main-process diagnostics read: a config error naming the fix."""
     monkeypatch.delenv("SLURM_NNODES", raising=False)
     over = [f"hardware={hardware.split()[0]}", *hardware.split()[1:]]
-    validate_config(compose_train(over))  # diagnostics=none (default): fine
+    cfg = compose_train(over)
+    validate_config(cfg)  # diagnostics=none (default): fine
     for option in ("default", "full"):
         with pytest.raises(ConfigError, match=r"diagnostics=.*not supported under DeepSpeed ZeRO-3") as e:
             validate_config(compose_train([*over, f"diagnostics={option}"]))
         assert "diagnostics=none" in str(e.value) and "python -m mtlora.diagnose" in str(e.value)
+    # diagnostics=none with one diagnostic listed (the values `diagnostics.which=[heads]` would give)
+    with open_dict(cfg):
+        cfg.diagnostics.which = ["heads"]
+    validate_config(cfg)  # none's schedule: never runs
+    with open_dict(cfg):
+        cfg.diagnostics.at_end = True
     with pytest.raises(ConfigError, match="ZeRO-3"):  # one diagnostic switched on is enough
-        validate_config(compose_train([*over, "diagnostics.which=[heads]", "diagnostics.at_end=true"]))
-    validate_config(compose_train([*over, "diagnostics.which=[heads]"]))  # none's schedule: never runs
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize("hardware", ["gpu8_zero2", "gpu8_ddp", "cpu_ddp2", "multinode"])

@@ -223,12 +223,12 @@ def test_one_hot_weights_reproduce_that_modules_logits_exactly(tmp_path: Path) -
     dirs = [_fake_run(tmp_path, f"lib{i}", [], s) for i, s in enumerate(states)]
     stacks = load_library_weights(model, dirs)
     x = torch.randint(0, 200, (2, 11), generator=g)
+    ref_model = _tiny_lora_model(cfg)  # each entry's weights loaded in turn (every adapter tensor replaced)
     with torch.no_grad():
         base = model(input_ids=x).logits  # fresh LoRA: B = 0
         for i in range(3):
             set_composition(model, stacks, [float(j == i) for j in range(3)])
             composed = model(input_ids=x).logits
-            ref_model = _tiny_lora_model(cfg)
             load_adapter_state_dict(ref_model, states[i])
             ref = ref_model(input_ids=x).logits
             assert torch.equal(composed, ref), i
