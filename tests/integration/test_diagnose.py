@@ -18,6 +18,7 @@ from mtlora.load import load_run
 from mtlora.train import run
 from tests.helpers.compose import REPO, compose_train, run_module
 from tests.helpers.training import SHORT_RUN, logged, train_tiny
+from tests.helpers.wandb_files import offline_runs as _offline_runs
 
 HYDRA = [*SHORT_RUN, "adapter=hydralora"]  # dropout 0.05: a consumed RNG draw would change the losses
 ALL = {"heads", "conflict", "spectral", "routing", "divergence"}
@@ -126,48 +127,6 @@ def test_diagnose_cli_writes_every_diagnostic_and_the_plots(runs, tmp_path) -> N
     assert _is_png(plots / "head_similarity_diagnose.png")
     assert list(tmp_path.iterdir()) == []  # no Hydra output dir, .hydra/ or log file in the cwd
     assert not (d / ".hydra").exists() and not list(d.glob("*.log"))
-
-
-def _wandb_records(wandb_file: Path) -> list:
-    """The protobuf records of a wandb transaction log (``run-<id>.wandb``: LevelDB log format, 32 KiB blocks
-    of ``crc32 | length | type`` framed chunks after a 7-byte header)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block = wandb_file.read_bytes(), 32768
-    pos, chunk, out = 7, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk += data[pos + 7 : pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):  # FULL or LAST
-            rec = pb.Record()
-            rec.ParseFromString(chunk)
-            out.append(rec)
-            chunk = b""
-    return out
-
-
-def _offline_runs(run_dir: Path) -> dict[str, dict]:
-    """``{wandb id: {"job_type", "group", "history": {key: value}}}`` of the offline wandb runs in ``run_dir``."""
-    runs = {}
-    for f in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
-        info: dict = {"history": {}}
-        for rec in _wandb_records(f):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                info.update(id=rec.run.run_id, job_type=rec.run.job_type, group=rec.run.run_group)
-            elif kind == "history":
-                for item in rec.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    info["history"][key] = json.loads(item.value_json)
-        runs[info["id"]] = info
-    return runs
 
 
 def test_diagnose_logs_to_wandb_offline(runs, tmp_path) -> None:
