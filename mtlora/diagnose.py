@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.run.tracker import WANDB_ID_FILE, Tracker, tracker_accelerator, tracker_name
+from mtlora.utils.logging import console_logging
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -106,11 +107,14 @@ def diagnose(
     """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
 
     ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``)."""
+    import datasets
+
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
     from mtlora.load import load_run
     from mtlora.run.rundir import load_resolved_config
 
+    datasets.disable_progress_bars()
     run_dir = Path(run_dir)
     model, tokenizer = load_run(run_dir, device=device, allow_incomplete=allow_incomplete)
     saved = load_resolved_config(run_dir)
@@ -140,7 +144,7 @@ def diagnose(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    console_logging()
     run_dir = cfg.get("run_dir")
     if not run_dir:
         raise SystemExit("usage: python -m mtlora.diagnose run_dir=<run dir> [diagnostics=full] [...]")

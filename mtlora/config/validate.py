@@ -432,6 +432,9 @@ def validate_config(cfg: DictConfig) -> None:
     c.int_("eval.batch_size", 1)
     c.rule("eval.every_steps", valid_every, EVERY)
     c.int_("eval.max_examples_per_task", 1, optional=True)
+    if c.get("eval.samples") not in (_MISSING, None):  # mtlora.eval.samples
+        c.int_("eval.samples.per_task", 0)
+        c.int_("eval.samples.max_new_tokens", 1)
     # diagnostics (conf/diagnostics)
     c.errors += check_diagnostics_config(cfg.get("diagnostics"))
     c.errors += check_diagnostics_hardware(cfg)  # none under ZeRO-3 (partitioned parameters)

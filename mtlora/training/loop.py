@@ -216,11 +216,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_every = resolve_every(cfg.train.checkpoint_every, steps, "train.checkpoint_every")
     eval_every = resolve_every(cfg.eval.get("every_steps"), steps, "eval.every_steps")
     if acc.is_main_process:
+        heldin = "heldin" in cfg.eval.suites
+        when = [f"every {eval_every} steps"] if heldin and eval_every else []
+        when += ["at the end"] if heldin and cfg.eval.at_end else []
         log.info(
-            "%d optimizer steps; checkpoints every %s steps, held-out eval every %s steps",
+            "%d optimizer steps; checkpoint: %s; held-out eval: %s",
             steps,
-            ckpt_every or "-",
-            eval_every if eval_every and "heldin" in cfg.eval.suites else "-",
+            f"every {ckpt_every} steps" if ckpt_every else "none",
+            " and ".join(when) or "none",
         )
     bar = ProgressBar(steps, step, "train", disable=not acc.is_main_process)
     t_last, seen_tokens = time.perf_counter(), 0
@@ -434,11 +437,16 @@ def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step:
 def generation_suites_at_end(
     cfg, model, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int
 ) -> None:
-    """The generation suites of ``cfg.eval.suites`` at the end of a run (``eval.at_end``): ``bbh``, then
-    ``heldin_gen`` / ``mmlu``; each writes its files into ``run_dir`` and logs its headline numbers."""
+    """The generation suites of ``cfg.eval.suites`` at the end of a run (``eval.at_end``): the held-in samples
+    (``eval.samples``), ``bbh``, then ``heldin_gen`` / ``mmlu``; each writes its files into ``run_dir`` and logs
+    its headline numbers."""
     if not cfg.eval.at_end:
         return
     with eager_layers(model):  # train.compile: generation shapes would recompile the training graphs
+        if cfg.eval.get("samples"):  # a few generations per task to look at (mtlora.eval.samples)
+            from mtlora.eval.samples import write_heldin_samples
+
+            write_heldin_samples(model, tokenizer, data, cfg.data, cfg.eval.samples, run_dir)
         if "bbh" in cfg.eval.suites:
             _evaluate_bbh(cfg, model, tokenizer, data, run_dir, tracker, step)
         if {"heldin_gen", "mmlu"} & set(cfg.eval.suites):

@@ -8,6 +8,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -164,11 +165,13 @@ def test_diagnose_logs_to_wandb_offline(runs, tmp_path) -> None:
             ("divergence", "mmd"),
         ):
             assert info["history"][f"diag/{name}/{stat}"] == pytest.approx(recs[name][stat]), (name, stat)
-    # logger=none (command line) on the wandb run: nothing new under wandb/
+    # logger=none (command line) on the wandb run: nothing new under wandb/; the dataset bars are off
     n = len(_offline_runs(w))
+    datasets.enable_progress_bars()
     diagnose(
         w,
         compose_train(["diagnostics=default", *cheap]).diagnostics,
         logger=OmegaConf.create({"name": "none"}),
     )
     assert len(_offline_runs(w)) == n
+    assert not datasets.is_progress_bar_enabled()

@@ -111,3 +111,51 @@ def test_train_line_and_csv_rows_carry_the_per_task_loss() -> None:
     assert (
         heldin_line(result) == "macro loss 1.0000, token_acc 0.5000, exact_match 0.0000 | task loss a 1.0000"
     )
+
+
+def test_one_log_format_for_hydra_and_the_other_entry_points() -> None:
+    from omegaconf import OmegaConf
+
+    from mtlora.utils.logging import LOG_FORMAT
+    from tests.helpers.compose import CONF
+
+    hydra_cfg = OmegaConf.load(CONF / "hydra" / "default.yaml")
+    assert hydra_cfg.job_logging.formatters.simple.format == LOG_FORMAT
+
+
+def test_the_bar_redraws_rarely_off_a_terminal() -> None:
+    import io
+
+    from mtlora.run.progress import NON_TTY_INTERVAL, min_interval
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert min_interval(io.StringIO()) == NON_TTY_INTERVAL >= 10
+    assert min_interval(Tty()) == 0.1
+
+
+def test_log_lines_go_above_the_open_bar_and_the_handlers_come_back(capsys) -> None:
+    import logging
+    import sys
+
+    from mtlora.run.progress import ProgressBar
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("LOG %(message)s"))
+    before = list(root.handlers)
+    root.addHandler(console)
+    try:
+        bar = ProgressBar(10, desc="train")
+        assert console not in root.handlers  # replaced by a tqdm.write handler with the same format
+        logging.getLogger("mtlora.test").warning("hello")
+        bar.update(3)
+        bar.close()
+        bar.close()  # idempotent
+        assert console in root.handlers
+    finally:
+        root.handlers = before
+    err = capsys.readouterr().err
+    assert "LOG hello\n" in err
