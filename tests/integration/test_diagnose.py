@@ -119,12 +119,16 @@ def test_diagnose_cli_writes_every_diagnostic_and_the_plots(runs, tmp_path) -> N
     assert {r["diagnostic"] for r in new} == ALL | {"tsne"}
     assert all(r["source"] == "diagnose" and r["event"] == "diagnose" and r["step"] == 6 for r in new)
     tsne = next(r for r in new if r["diagnostic"] == "tsne")
-    assert len(tsne["representations"]["xy"]) == 4 * 16 and tsne["parameters"]
+    # 64 held-out representations are embedded; the tiny model's parameter groups (4 to 16 matrices each) are
+    # fewer than 30 points: no t-SNE of them, and no parameter plot
+    assert len(tsne["representations"]["xy"]) == 4 * 16 and tsne["parameters"] == {}
+    assert "skipped: 16 points (fewer than 30)" in res.stderr
     conflict = next(r for r in new if r["diagnostic"] == "conflict")
     assert conflict["batches_per_task"] == {t: 1 for t in conflict["tasks"]}
     plots = d / "plots" / "diagnostics"
-    for kind in ("conflict", "routing", "spectral", "divergence", "tsne_parameters", "tsne_representations"):
+    for kind in ("conflict", "routing", "spectral", "divergence", "tsne_representations"):
         assert _is_png(plots / f"{kind}_diagnose_step6.png"), kind
+    assert not (plots / "tsne_parameters_diagnose_step6.png").exists()
     assert _is_png(plots / "head_similarity_diagnose.png")
     assert list(tmp_path.iterdir()) == []  # no Hydra output dir, .hydra/ or log file in the cwd
     assert not (d / ".hydra").exists() and not list(d.glob("*.log"))
