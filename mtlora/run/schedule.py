@@ -29,3 +29,10 @@ def resolve_every(value: Any, total_steps: int, key: str) -> int | None:
     if value == "auto":
         return max(1, round(AUTO_FRACTION * int(total_steps)))
     return value
+
+
+def schedule_line(steps: int, checkpoint_every: int | None, eval_every: int | None, eval_at_end: bool) -> str:
+    """The log line that says how long a run is and when it checkpoints and evaluates."""
+    when = ([f"every {eval_every} steps"] if eval_every else []) + (["at the end"] if eval_at_end else [])
+    ckpt = f"every {checkpoint_every} steps" if checkpoint_every else "none"
+    return f"{steps} optimizer steps; checkpoint: {ckpt}; held-out eval: {' and '.join(when) or 'none'}"

@@ -38,7 +38,7 @@ from mtlora.run.meta import write_meta
 from mtlora.run.metrics import JsonlLog, heldin_line, markdown_table, train_csv_rows, train_line, write_csv
 from mtlora.run.plots import plot_loss
 from mtlora.run.progress import ProgressBar
-from mtlora.run.schedule import resolve_every
+from mtlora.run.schedule import resolve_every, schedule_line
 from mtlora.run.tracker import Tracker, accelerator_tracking_kwargs, heldin_values, start_tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
@@ -217,13 +217,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     eval_every = resolve_every(cfg.eval.get("every_steps"), steps, "eval.every_steps")
     if acc.is_main_process:
         heldin = "heldin" in cfg.eval.suites
-        when = [f"every {eval_every} steps"] if heldin and eval_every else []
-        when += ["at the end"] if heldin and cfg.eval.at_end else []
         log.info(
-            "%d optimizer steps; checkpoint: %s; held-out eval: %s",
-            steps,
-            f"every {ckpt_every} steps" if ckpt_every else "none",
-            " and ".join(when) or "none",
+            "%s", schedule_line(steps, ckpt_every, eval_every if heldin else None, heldin and cfg.eval.at_end)
         )
     bar = ProgressBar(steps, step, "train", disable=not acc.is_main_process)
     t_last, seen_tokens = time.perf_counter(), 0

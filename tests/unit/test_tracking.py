@@ -159,3 +159,12 @@ def test_log_lines_go_above_the_open_bar_and_the_handlers_come_back(capsys) -> N
         root.handlers = before
     err = capsys.readouterr().err
     assert "LOG hello\n" in err
+
+
+def test_the_schedule_line_says_when_the_run_checkpoints_and_evaluates() -> None:
+    from mtlora.run.schedule import schedule_line
+
+    assert schedule_line(1500, 150, 150, True) == (
+        "1500 optimizer steps; checkpoint: every 150 steps; held-out eval: every 150 steps and at the end"
+    )
+    assert schedule_line(4, None, None, False) == "4 optimizer steps; checkpoint: none; held-out eval: none"
