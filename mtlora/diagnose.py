@@ -43,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
-from mtlora.run.tracker import Tracker
+from mtlora.run.tracker import WANDB_ID_FILE, Tracker, tracker_accelerator, tracker_name
+from mtlora.utils.logging import console_logging
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
 
@@ -71,35 +72,34 @@ def _is_wandb(logger: DictConfig | None) -> bool:
     return logger is not None and str(logger.get("name", "none")).startswith("wandb")
 
 
-class DiagnoseTracker(Tracker):
-    """A :class:`~mtlora.run.tracker.Tracker` on a new wandb run for the records of one ``diagnose`` call (see
-    the module doc); the id file (``wandb_id.txt``, the training run's) is left alone."""
-
-    def __init__(self, saved: DictConfig, run_dir: Path, logger: DictConfig, diag_cfg: DictConfig) -> None:
-        import wandb
-
-        trained = saved.get("logger")
-        w = (trained if _is_wandb(trained) else logger).wandb
-        id_file = run_dir / "wandb_id.txt"
-        os.environ.setdefault("WANDB_START_METHOD", "thread")
-        config = OmegaConf.to_container(saved, resolve=True)
-        config["diagnose"] = {
-            "run_dir": str(run_dir),
-            "wandb_id": id_file.read_text().strip() if id_file.exists() else None,
-            "diagnostics": OmegaConf.to_container(diag_cfg, resolve=True),
-        }
-        self.run = wandb.init(
-            project=w.project,
-            entity=w.get("entity"),
-            group=w.get("group") if _is_wandb(trained) else str(saved.get("task_name", "train")),
-            job_type="diagnose",
-            name=f"{saved.get('run_name', run_dir.name)}-diagnose",
-            tags=list(w.get("tags") or []) if _is_wandb(trained) else list(saved.get("tags") or []),
-            dir=str(run_dir),
-            id=uuid.uuid4().hex[:12],
-            mode=logger.wandb.mode,
-            config=config,
-        )
+def diagnose_tracker(saved: DictConfig, run_dir: Path, logger: DictConfig, diag_cfg: DictConfig) -> Tracker:
+    """A :class:`~mtlora.run.tracker.Tracker` on a new wandb run (Accelerate's wandb tracker) for the records of
+    one ``diagnose`` call (see the module doc); the id file (``wandb_id.txt``, the training run's) is left alone."""
+    tracker_name(logger)  # ConfigError when wandb is not installed
+    trained = saved.get("logger")
+    w = (trained if _is_wandb(trained) else logger).wandb
+    id_file = run_dir / WANDB_ID_FILE
+    os.environ.setdefault("WANDB_START_METHOD", "thread")
+    config = OmegaConf.to_container(saved, resolve=True)
+    config["diagnose"] = {
+        "run_dir": str(run_dir),
+        "wandb_id": id_file.read_text().strip() if id_file.exists() else None,
+        "diagnostics": OmegaConf.to_container(diag_cfg, resolve=True),
+    }
+    kwargs = {
+        "entity": w.get("entity"),
+        "group": w.get("group") if _is_wandb(trained) else str(saved.get("task_name", "train")),
+        "job_type": "diagnose",
+        "name": f"{saved.get('run_name', run_dir.name)}-diagnose",
+        "tags": list(w.get("tags") or []) if _is_wandb(trained) else list(saved.get("tags") or []),
+        "dir": str(run_dir),
+        "id": uuid.uuid4().hex[:12],
+        "mode": logger.wandb.mode,
+        "config": config,
+    }
+    acc = tracker_accelerator(logger, run_dir)
+    acc.init_trackers(str(w.project), config=None, init_kwargs={"wandb": kwargs})
+    return Tracker(acc, owns_accelerator=True)
 
 
 def diagnose(
@@ -112,11 +112,14 @@ def diagnose(
     """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
 
     ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``)."""
+    import datasets
+
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
     from mtlora.load import load_run
     from mtlora.run.rundir import load_resolved_config
 
+    datasets.disable_progress_bars()
     run_dir = Path(run_dir)
     model, tokenizer = load_run(run_dir, device=device, allow_incomplete=allow_incomplete)
     saved = load_resolved_config(run_dir)
@@ -132,7 +135,7 @@ def diagnose(
         method=str(saved.adapter.get("method")),
     )
     logger = saved.get("logger") if logger is None else logger
-    tracker = DiagnoseTracker(saved, run_dir, logger, diag_cfg) if _is_wandb(logger) else None
+    tracker = diagnose_tracker(saved, run_dir, logger, diag_cfg) if _is_wandb(logger) else None
     runner.tracker = tracker
     ok = False
     try:
@@ -146,7 +149,7 @@ def diagnose(
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    console_logging()
     run_dir = cfg.get("run_dir")
     given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     with user_errors(cfg, model=lambda: run_model(run_dir)):

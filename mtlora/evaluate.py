@@ -11,8 +11,7 @@ Usage::
     python -m mtlora.evaluate experiment=hydralora/t3/base out=DIR            # a paper table's Base row
 
 Suites: ``heldin`` (teacher-forced held-out rows of the run's training tasks, or of ``data=`` for the
-base model; writes ``metrics/eval_heldin.json`` / ``.md``, replacing the training-time files when written
-into the run dir), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``mmlu``
+base model; writes ``metrics/eval_heldin.json`` / ``.md``), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``mmlu``
 (:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
 Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
 ``device=cpu|cuda``, ``adapter=none``. Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
@@ -20,6 +19,10 @@ only the eval outputs are written. A base-model evaluation (``adapter=none``, or
 ``adapter.method`` is ``none``, as the ``conf/experiment/<paper>/<table>/base.yaml`` presets) also makes
 ``out`` a run dir: ``RUNNING`` then ``COMPLETED``/``FAILED``, ``config_resolved.yaml`` (``adapter: {name:
 none, method: none}``, the preset's ``report`` key) and ``meta.json``, so scripts/make_tables.py reads it.
+
+Earlier results are kept: when ``out`` (or the run dir) already holds outputs of a suite about to run
+(``metrics/eval_<suite>.*``, ``predictions/<suite>/``, e.g. the end-of-training evaluation), they are moved to
+``earlier_evals/<time they were written>/`` first (:func:`mtlora.eval.outputs.keep_earlier_results`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.errors import ConfigError
+from mtlora.utils.logging import console_logging
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
 
@@ -109,9 +113,13 @@ def evaluate(cfg: DictConfig, opts: dict) -> dict:
 
 def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     """The suites of ``cfg.eval`` on the run of ``opts["run_dir"]`` or the base model (``opts["adapter_none"]``)."""
+    import datasets
     import torch
 
     from mtlora.eval.bbh_suite import run_bbh, summary_line
+    from mtlora.eval.outputs import keep_earlier_results
+
+    datasets.disable_progress_bars()  # map/filter bars of the data build; the generation bar stays
 
     suites = list(cfg.eval.suites)
     unknown = [s for s in suites if s not in SUITES]
@@ -141,6 +149,11 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
         run_cfg, task_names, out = cfg, None, Path(opts["out"])
     else:
         raise ConfigError("give run_dir=<run dir> (a trained run) or adapter=none model=<preset> out=DIR")
+    kept = keep_earlier_results(out, _output_names(cfg, suites))
+    if kept:
+        log.info(
+            "earlier results kept in %s", sorted({str(Path(*p.relative_to(out).parts[:2])) for p in kept})
+        )
     results: dict = {}
     if "heldin" in suites:
         from mtlora.data import build_data
@@ -170,12 +183,21 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     return results
 
 
+def _output_names(cfg: DictConfig, suites: list[str]) -> list[str]:
+    """The output names (``metrics/eval_<name>.*``, ``predictions/<name>/``) of ``suites``."""
+    from mtlora.eval.bbh_suite import resolve_settings, suite_name
+
+    return [
+        suite_name(resolve_settings(cfg.eval.get("bbh"))["protocol"]) if s == "bbh" else s for s in suites
+    ]
+
+
 _OPTS: dict = {}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    console_logging()
     run_dir = _OPTS.get("run_dir")
     with user_errors(cfg, model=(lambda: run_model(run_dir)) if run_dir else None):
         log.info("eval config:\n%s", OmegaConf.to_yaml(cfg.eval))

@@ -73,6 +73,7 @@ from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
 from mtlora.load import RunLoadError, check_run_dir, load_run, run_task_names
 from mtlora.run.rundir import load_resolved_config
+from mtlora.utils.logging import console_logging
 
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main", "set_special_token_ids"]
 
@@ -393,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE + "\n\n" + (__doc__ or ""))
         return 0
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    console_logging()
     try:
         args = parse_args(argv)
     except ValueError as e:

@@ -377,7 +377,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
     from mtlora.run.base_model import base_parameters, fingerprint, save_base_model
     from mtlora.run.meta import write_meta
     from mtlora.run.metrics import JsonlLog, markdown_table, write_csv
-    from mtlora.run.tracker import Tracker
+    from mtlora.run.tracker import start_tracker
     from mtlora.training.loop import build_model_and_data, generation_suites_at_end
 
     t0 = time.perf_counter()
@@ -413,7 +413,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg.adapter.optimizer,
         int(cfg.adapter.budget),
     )
-    tracker = Tracker(cfg, run_dir, enabled=True)
+    tracker = start_tracker(cfg, run_dir)
     ok = False
     try:
         res = optimize(

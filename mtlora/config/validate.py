@@ -25,6 +25,8 @@ from mtlora.data.sources import SOURCE_TYPES
 from mtlora.diagnostics.config import check_diagnostics_config, check_diagnostics_hardware
 from mtlora.errors import ConfigError
 from mtlora.models.loading import DTYPES
+from mtlora.run.schedule import valid_every
+from mtlora.run.tracker import tracker_name
 from mtlora.training.alignment import GROUPINGS, WEIGHTINGS, AlignmentTerm, check_alignment_rows
 from mtlora.training.compile import compile_settings
 from mtlora.training.loss import LOSS_IMPLS
@@ -32,8 +34,9 @@ from mtlora.training.meta import MetaLearner
 
 ALIGNMENTS = ("none", "kl", "mmd")
 EVAL_SUITES = ("heldin", "bbh", "heldin_gen", "mmlu")
-LOGGERS = ("none", "csv", "wandb", "wandb_offline")
+LOGGERS = ("none", "csv", "wandb", "wandb_offline", "tensorboard", "mlflow")
 _MISSING = object()
+EVERY = "an integer >= 1, 'auto' (every 10% of the steps) or null (never)"
 
 
 def _int(lo: int | None = None, optional: bool = False) -> Callable[[Any], bool]:
@@ -439,7 +442,7 @@ def validate_config(cfg: DictConfig) -> None:
     c.choice("train.precision", ("fp32", "bf16"))
     c.num("train.warmup_ratio", 0, 1)
     c.int_("train.log_every", 1)
-    c.int_("train.checkpoint_every", 1, optional=True)
+    c.rule("train.checkpoint_every", valid_every, EVERY)
     c.int_("train.keep_checkpoints", 1)
     c.num("train.optimizer.lr", 0, lo_open=True)
     c.num("train.loss_watchdog.factor", 1, lo_open=True)
@@ -465,8 +468,11 @@ def validate_config(cfg: DictConfig) -> None:
         f"a list drawn from {list(EVAL_SUITES)}",
     )
     c.int_("eval.batch_size", 1)
-    c.int_("eval.every_steps", 1, optional=True)
+    c.rule("eval.every_steps", valid_every, EVERY)
     c.int_("eval.max_examples_per_task", 1, optional=True)
+    if c.get("eval.samples") not in (_MISSING, None):  # mtlora.eval.samples
+        c.int_("eval.samples.per_task", 0)
+        c.int_("eval.samples.max_new_tokens", 1)
     # diagnostics (conf/diagnostics)
     c.errors += check_diagnostics_config(cfg.get("diagnostics"))
     c.errors += check_diagnostics_hardware(cfg)  # none under ZeRO-3 (partitioned parameters)
@@ -496,3 +502,4 @@ def validate_config(cfg: DictConfig) -> None:
             c.errors.append(str(e))
     if c.errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(c.errors))
+    tracker_name(cfg.logger)  # an optional tracker package (tensorboard, mlflow) that is not installed

@@ -9,6 +9,42 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+#: cells darker than this relative luminance get white text
+DARK = 0.45
+#: "one line per layer" plots name each line in a legend up to this many lines, else a colour bar of the layer order
+MAX_LEGEND_LINES = 12
+
+
+def luminance(rgba) -> float:
+    """Relative luminance ``0.2126 R + 0.7152 G + 0.0722 B`` of an RGB(A) colour in [0, 1] (sRGB, linearised)."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def text_color(rgba) -> str:
+    """White on a dark cell, black on a light one."""
+    return "white" if luminance(rgba) < DARK else "black"
+
+
+def integer_axis(axis) -> None:
+    """Ticks only at integers (layer, step, SV index, expert axes)."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _layer_lines(ax, curves: list[tuple[str, np.ndarray]], **kw) -> None:
+    """One line per layer: named in a legend when there are few, else coloured by layer order with a colour bar."""
+    few = len(curves) <= MAX_LEGEND_LINES
+    cmap = plt.get_cmap("tab10" if few and len(curves) <= 10 else "viridis")
+    for i, (name, y) in enumerate(curves):
+        color = cmap(i) if few and len(curves) <= 10 else cmap(i / max(len(curves) - 1, 1))
+        ax.plot(y, color=color, label=name, **kw)
+    if few:
+        ax.legend(fontsize=6, ncol=1 + len(curves) // 7)
+    elif curves:
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(curves) - 1))
+        ax.figure.colorbar(sm, ax=ax, fraction=0.046, label="adapter layer (model order)")
 
 
 def _save(fig, out: Path) -> Path:
@@ -27,13 +63,15 @@ def _heatmap(ax, m, labels, title, vmin=None, vmax=None, cmap="coolwarm") -> Non
     if len(m) <= 10:
         for i in range(len(m)):
             for j in range(len(m)):
+                finite = np.isfinite(m[i, j])
                 ax.text(
                     j,
                     i,
-                    "—" if not np.isfinite(m[i, j]) else f"{m[i, j]:.2f}",
+                    f"{m[i, j]:.2f}" if finite else "—",
                     ha="center",
                     va="center",
                     fontsize=7,
+                    color=text_color(im.cmap(im.norm(m[i, j]))) if finite else "black",
                 )
     ax.set_title(title, fontsize=9)
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
@@ -103,6 +141,7 @@ def plot_head_similarity(history: list[tuple[int, dict]], out: Path) -> Path:
         ax.set_title(kind, fontsize=9)
         ax.set_xlabel("layer")
         ax.set_ylabel(f"mean off-diagonal cosine of {quantity}", fontsize=8)
+        integer_axis(ax.xaxis)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, title="dashed: X − X(0)", title_fontsize=6)
     last = axes[0][-1]
@@ -115,6 +154,7 @@ def plot_head_similarity(history: list[tuple[int, dict]], out: Path) -> Path:
     last.set_title("mean over layers", fontsize=9)
     last.set_xlabel("step")
     last.legend(fontsize=6)
+    integer_axis(last.xaxis)
     last.grid(alpha=0.3)
     return _save(fig, out)
 
@@ -142,6 +182,7 @@ def plot_routing(res: dict, out: Path, step: int) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     im = a.imshow(m, aspect="auto", cmap="magma", vmin=0)
     a.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    a.set_xticks(range(m.shape[1]))
     a.set_xlabel("expert (group-major)")
     a.set_title(f"mean routing weights, {mid.replace('model.', '')}, step {step}", fontsize=8)
     fig.colorbar(im, ax=a, fraction=0.046)
@@ -168,23 +209,42 @@ def plot_routing(res: dict, out: Path, step: int) -> Path:
 
 
 def plot_spectral(res: dict, out: Path, step: int) -> Path:
-    """Cross-expert alignment share and SV importance per band, and the B spectra of every layer."""
+    """Cross-expert alignment share and SV importance per band (multi-head adapters only: the panel is left out
+    without multi-head layers, e.g. plain LoRA), and the B spectra, one line per layer."""
     bands = [f"{p0:g}–{p1:g}%" for p0, p1 in res["bands"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    x = np.arange(len(bands))
     al = [np.nan if v is None else v for v in res["alignment_pct"]]
     imp = [np.nan if v is None else v for v in res["sv_importance_pct"]]
-    a.bar(x - 0.2, al, 0.4, label="cross-expert alignment (%)")
-    a.bar(x + 0.2, imp, 0.4, label="SV importance (%)")
-    a.set_xticks(x, bands)
-    a.set_title(f"SV bands of {res['quantity']} ({res['edges']} edges), step {step}", fontsize=8)
-    a.legend(fontsize=7)
-    for e in res["spectra"].values():
-        sv = np.atleast_2d(np.asarray(e["B"], dtype=float))
-        b.plot(sv.mean(0), alpha=0.6, lw=1)
+    has_bands = bool(np.isfinite(al).any() or np.isfinite(imp).any())
+    fig, axes = plt.subplots(
+        1, 2 if has_bands else 1, figsize=(10 if has_bands else 5.6, 3.6), dpi=110, squeeze=False
+    )
+    b = axes[0][-1]
+    if has_bands:
+        a = axes[0][0]
+        x = np.arange(len(bands))
+        a.bar(x - 0.2, al, 0.4, label="cross-expert alignment (%)")
+        a.bar(x + 0.2, imp, 0.4, label="SV importance (%)")
+        a.set_xticks(x, bands)
+        a.set_ylim(bottom=0)
+        a.set_title(f"SV bands of {res['quantity']} ({res['edges']} edges), step {step}", fontsize=8)
+        a.legend(fontsize=7)
+    curves = [
+        (
+            name.replace("model.", "").replace("layers.", "L"),
+            np.atleast_2d(np.asarray(e["B"], dtype=float)).mean(0),
+        )
+        for name, e in res["spectra"].items()
+        if "B" in e
+    ]
+    _layer_lines(b, curves, alpha=0.8, lw=1)
     b.set_xlabel("SV index (descending)")
     b.set_ylabel("σ of B (mean over heads)")
-    b.set_title("spectra, one line per layer", fontsize=9)
+    b.set_ylim(bottom=0)
+    integer_axis(b.xaxis)
+    b.set_title(
+        f"spectra, one line per layer, step {step}" if not has_bands else "spectra, one line per layer",
+        fontsize=9,
+    )
     b.grid(alpha=0.3)
     return _save(fig, out)
 

@@ -54,7 +54,7 @@ _WHY = {
     "routing": "no adapter layer routes tokens with a router",
     "conflict": "fewer than 2 tasks with training rows (or no trainable adapter parameters)",
     "divergence": "fewer than 2 tasks with at least 2 held-out rows, or no captured down-projection",
-    "tsne": "scikit-learn is not installed (pip install scikit-learn)",
+    "tsne": "fewer than 30 points in every group, or scikit-learn is not installed",
 }
 
 

@@ -10,11 +10,15 @@ r"""2-D t-SNE embeddings of adapter parameters and of A-space representations (`
   (:func:`mtlora.diagnostics.divergence.collect_representations`), labelled by task.
 
 ``sklearn.manifold.TSNE(n_components=2, init="pca", random_state=42)``; the perplexity is capped below
-the number of points (sklearn requires ``perplexity < n``). Groups with fewer than 4 points, or whose
-points are all equal (zero-initialised ``B`` heads: t-SNE is undefined there), are skipped.
+the number of points (sklearn requires ``perplexity < n``). Groups with fewer than :data:`MIN_POINTS` (30)
+points are skipped with a log line (an embedding of a handful of points shows nothing: t-SNE's perplexity,
+30 by default, is an effective number of neighbours), as are groups whose points are all equal
+(zero-initialised ``B`` heads: t-SNE is undefined there).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -23,7 +27,10 @@ from torch import nn
 from mtlora.diagnostics.common import adapter_layers, split_name
 from mtlora.diagnostics.heads import heads_of
 
-MIN_POINTS = 4
+log = logging.getLogger(__name__)
+
+#: fewest points a t-SNE is computed for
+MIN_POINTS = 30
 
 
 def tsne_available() -> bool:
@@ -75,7 +82,14 @@ def parameter_points(model: nn.Module) -> dict[str, dict]:
     for (key, shape), v in groups.items():
         pts = np.stack(v["points"])
         name = key if shapes[key] == 1 else f"{key} {'x'.join(map(str, shape))}"
-        if len(pts) >= MIN_POINTS and _spread(pts):
+        if len(pts) < MIN_POINTS:
+            log.info(
+                "t-SNE of the parameter group %s skipped: %d points (fewer than %d)",
+                name,
+                len(pts),
+                MIN_POINTS,
+            )
+        elif _spread(pts):
             out[name] = {**v, "points": pts}
     return out
 
@@ -111,6 +125,12 @@ def representation_tsne(
             z = reps[t][layer].float().numpy()
             xs.append(z)
             labels += [task_names[t] if task_names else str(t)] * len(z)
-    if not xs or sum(len(x) for x in xs) < MIN_POINTS or not _spread(np.concatenate(xs)):
+    n = sum(len(x) for x in xs)
+    if n < MIN_POINTS:
+        log.info(
+            "t-SNE of the representations at %s skipped: %d points (fewer than %d)", layer, n, MIN_POINTS
+        )
+        return None
+    if not _spread(np.concatenate(xs)):
         return None
     return {"xy": embed(np.concatenate(xs), perplexity), "labels": labels, "layer": layer}

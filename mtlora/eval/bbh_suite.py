@@ -30,8 +30,9 @@ Outputs under ``out_dir`` (suite name ``bbh_<protocol>``): ``metrics/eval_bbh_<p
 accuracy, ``macro`` = unweighted mean over tasks as the papers report, ``micro`` = pooled over examples as
 lm-eval reports, each labelled, plus the protocol settings), ``metrics/eval_bbh_<protocol>.csv`` and
 ``.md`` (per-task table with macro and micro rows), and ``predictions/bbh_<protocol>/<task>.jsonl``: one
-line per example with ``id`` (``<task>/<index in the task file>``), ``prompt_sha1``, ``generation`` (raw,
-cut at the first stop string), ``extracted``, ``target`` and ``correct``.
+line per example with ``id`` (``<task>/<index in the task file>``), ``prompt_sha1``, ``prompt`` (the text
+given to the model, before any truncation to ``max_input_tokens``), ``generation`` (raw, cut at the first stop
+string), ``extracted``, ``target`` and ``correct``.
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def run_bbh(
             {
                 "id": f"{it['task']}/{it['index']}",
                 "prompt_sha1": hashlib.sha1(it["prompt"].encode()).hexdigest(),
+                "prompt": it["prompt"],
                 "generation": gen,
                 "extracted": bbh.extract(p, it["task"], gen),
                 "target": it["target"],

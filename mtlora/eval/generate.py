@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mtlora.run.progress import min_interval
+
 
 def needs_task_ids(model: torch.nn.Module) -> bool:
     """Whether some adapter layer of ``model`` reads ``context.task_ids`` (and is not merged)."""
@@ -326,7 +328,9 @@ def greedy_generate(
     model.eval()
     results: list[str | None] = [None] * len(prompts)
     device = next(model.parameters()).device
-    bar = tqdm(total=len(prompts), disable=not progress, desc=desc, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(prompts), disable=not progress, desc=desc, dynamic_ncols=True, mininterval=min_interval()
+    )
     try:
         for rows in batches:
             row_task_ids = _row_task_ids(task_ids, rows, device)

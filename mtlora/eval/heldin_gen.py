@@ -20,7 +20,7 @@ truncation), ``truncation_side`` (``left``: keep a prompt's end; ``right``: its 
 Outputs under ``out_dir``: ``metrics/eval_heldin_gen.json`` (per task: metric, n, correct, accuracy, score;
 ``macro`` = unweighted mean over tasks, ``micro`` = pooled over rows, each labelled),
 ``metrics/eval_heldin_gen.csv`` / ``.md`` (per-task table plus macro and micro rows) and
-``predictions/heldin_gen/<task>.jsonl``: ``id`` (``<task>/<held-out row>``), ``prompt_sha1``, ``task_id``,
+``predictions/heldin_gen/<task>.jsonl``: ``id`` (``<task>/<held-out row>``), ``prompt_sha1``, ``prompt``, ``task_id``,
 ``generation`` (raw), ``extracted``, ``target``, ``correct``, ``score``.
 """
 
@@ -150,6 +150,7 @@ def run_heldin_gen(
             {
                 "id": f"{it['task']}/{it['index']}",
                 "prompt_sha1": hashlib.sha1(it["prompt"].encode()).hexdigest(),
+                "prompt": it["prompt"],
                 "task_id": it["task_id"],
                 "generation": gen,
                 "extracted": metrics.extract(m, gen),

@@ -1,8 +1,11 @@
-"""The files every evaluation suite writes: metrics tables and per-example predictions."""
+"""The files every evaluation suite writes (metrics tables and per-example predictions), and keeping the
+files of an earlier evaluation when a later one writes into the same dir."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 from mtlora.run.metrics import markdown_table, write_csv
@@ -26,7 +29,50 @@ def write_suite_outputs(
     table = [{c: r.get(c, "") for c in cols} for r in rows]
     write_csv(mdir / f"eval_{name}.csv", table)
     (mdir / f"eval_{name}.md").write_text(note + "\n\n" + markdown_table(table, cols) + "\n")
-    pdir = out_dir / "predictions" / name
+    write_predictions(name, preds, out_dir)
+
+
+def write_predictions(name: str, preds: dict[str, list[dict]], out_dir: Path) -> Path:
+    """``predictions/<name>/<task>.jsonl``, one JSON line per example."""
+    pdir = Path(out_dir) / "predictions" / name
     pdir.mkdir(parents=True, exist_ok=True)
     for task, lines in preds.items():
         (pdir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return pdir
+
+
+#: where :func:`keep_earlier_results` moves earlier outputs, under the evaluated dir
+EARLIER_DIR = "earlier_evals"
+
+
+def suite_files(out_dir: Path, name: str) -> list[Path]:
+    """The existing outputs of suite ``name`` in ``out_dir``: ``metrics/eval_<name>.*`` and ``predictions/<name>/``."""
+    out_dir = Path(out_dir)
+    files = sorted((out_dir / "metrics").glob(f"eval_{name}.*"))
+    pdir = out_dir / "predictions" / name
+    return files + ([pdir] if pdir.is_dir() else [])
+
+
+def keep_earlier_results(out_dir: Path, names: list[str]) -> list[Path]:
+    """Move the existing outputs of the suites ``names`` to ``earlier_evals/<time>/`` (same layout below it;
+    ``<time>``: when the earlier ``metrics/eval_<name>.json`` was written, ``%Y-%m-%d_%H-%M-%S``), so that a new
+    evaluation into ``out_dir`` does not overwrite them. Returns the moved paths' new locations."""
+    out_dir = Path(out_dir)
+    moved: list[Path] = []
+    for name in names:
+        paths = suite_files(out_dir, name)
+        if not paths:
+            continue
+        ref = out_dir / "metrics" / f"eval_{name}.json"
+        stamp = dt.datetime.fromtimestamp((ref if ref.exists() else paths[0]).stat().st_mtime)
+        dest_root = out_dir / EARLIER_DIR / stamp.strftime("%Y-%m-%d_%H-%M-%S")
+        for p in paths:
+            dest = dest_root / p.relative_to(out_dir)
+            n = 1
+            while dest.exists():  # two evaluations within one second
+                dest = dest.with_name(f"{p.stem}.{n}{p.suffix}")
+                n += 1
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(p), str(dest))
+            moved.append(dest)
+    return moved

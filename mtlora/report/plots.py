@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mtlora.report.tables import Run, build_summary  # noqa: E402
 
@@ -57,8 +58,11 @@ def plot_curve(
         xs_all = sorted({x for pts in groups.values() for x, _, _ in pts})
         ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.minorticks_off()
+    elif all(float(x).is_integer() for pts in groups.values() for x, _, _ in pts):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks, head counts
     ax.set_xlabel(xlabel or x_path)
     ax.set_ylabel(f"{metric} × {scale:g}")
+    ax.set_ylim(bottom=0)  # scores and losses are >= 0: no axis that starts near the data's minimum
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -93,6 +97,7 @@ def plot_per_task(
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(f"{metric} × {scale:g} (per task)")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Local metric files, always written whatever ``logger=`` says: JSONL per step, CSV per task."""
+"""Local metric files, always written whatever ``logger=`` says: JSONL per step, CSV per task; log lines."""
 
 from __future__ import annotations
 
@@ -48,3 +48,39 @@ def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def train_line(rec: dict[str, Any], total_steps: int) -> str:
+    """One ``train.log`` line of a ``metrics/train.jsonl`` record: step, loss, lr, tokens/s, per-task loss."""
+    parts = [
+        f"step {rec['step']}/{total_steps}",
+        f"loss {rec['loss']:.4f}",
+        f"lr {rec['lr']:.3e}",
+        f"{rec['tokens_per_s']:,.0f} tok/s",
+    ]
+    if rec.get("align_loss") is not None:
+        parts.append(f"align {rec['align_loss']:.4f}")
+    if rec.get("task_loss"):
+        parts.append("task loss " + ", ".join(f"{t} {v:.4f}" for t, v in rec["task_loss"].items()))
+    return " | ".join(parts)
+
+
+def heldin_line(result: dict[str, Any]) -> str:
+    """One line of a ``heldin`` evaluation: macro loss / token accuracy / exact match, then loss per task."""
+    m = result["macro"]
+    tasks = ", ".join(f"{t} {r['loss']:.4f}" for t, r in result["tasks"].items())
+    return (
+        f"macro loss {m['loss']:.4f}, token_acc {m['token_acc']:.4f}, exact_match {m['exact_match']:.4f} | "
+        f"task loss {tasks}"
+    )
+
+
+def train_csv_rows(train: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``metrics/train.jsonl`` records as ``train.csv`` rows: the per-task losses as ``task_loss/<task>``."""
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "task_loss"},
+            **{f"task_loss/{t}": v for t, v in (r.get("task_loss") or {}).items()},
+        }
+        for r in train
+    ]

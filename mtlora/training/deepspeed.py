@@ -238,6 +238,8 @@ def defer_main_process_eval(cfg: DictConfig, acc) -> DictConfig:
         return cfg
     suites = list(cfg.eval.get("suites") or [])
     skipped = [s for s in suites if s in GENERATION_SUITES]
+    if OmegaConf.select(cfg, "eval.samples.per_task", default=0):
+        skipped.append("samples")  # the held-in samples (eval.samples) generate too
     if not skipped:
         return cfg
     if acc.is_main_process:
@@ -250,4 +252,6 @@ def defer_main_process_eval(cfg: DictConfig, acc) -> DictConfig:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     with open_dict(cfg):
         cfg.eval.suites = [s for s in suites if s not in GENERATION_SUITES]
+        if "samples" in skipped:
+            cfg.eval.samples.per_task = 0
     return cfg

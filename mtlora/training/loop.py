@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from mtlora.adapters import inject_adapters, save_adapter
 from mtlora.data import MultiTaskData, build_data
@@ -38,9 +37,11 @@ from mtlora.eval.heldin import evaluate_heldin
 from mtlora.models import build_model, build_tokenizer, count_parameters
 from mtlora.run.base_model import MAX_SAVED_PARAMS, save_base_model
 from mtlora.run.meta import write_meta
-from mtlora.run.metrics import JsonlLog, markdown_table, write_csv
+from mtlora.run.metrics import JsonlLog, heldin_line, markdown_table, train_csv_rows, train_line, write_csv
 from mtlora.run.plots import plot_loss
-from mtlora.run.tracker import Tracker
+from mtlora.run.progress import ProgressBar
+from mtlora.run.schedule import resolve_every, schedule_line
+from mtlora.run.tracker import Tracker, accelerator_tracking_kwargs, heldin_values, start_tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from mtlora.training.compile import compile_decoder_layers, eager_layers
@@ -89,7 +90,7 @@ def total_steps(cfg: DictConfig, stream: BatchStream) -> int:
     )
 
 
-def make_accelerator(cfg: DictConfig) -> Accelerator:
+def make_accelerator(cfg: DictConfig, run_dir: Path | None = None) -> Accelerator:
     if cfg.hardware.get("num_threads"):
         torch.set_num_threads(int(cfg.hardware.num_threads))
     if not launched_as_worker():
@@ -100,6 +101,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         **accelerator_kwargs(cfg),  # device, DeepSpeed plugin (mtlora.training.deepspeed)
+        **accelerator_tracking_kwargs(cfg.logger, run_dir),  # logger= (mtlora.run.tracker)
     )
 
 
@@ -124,7 +126,7 @@ def build_model_and_data(cfg: DictConfig):
 def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     """Train ``cfg`` into ``run_dir`` (markers and config are handled by the caller). Returns final eval."""
     datasets.disable_progress_bars()
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg, run_dir)
     cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: no generation suites
     torch.manual_seed(int(cfg.seed))
     with model_build_context(acc, cfg.model):  # ZeRO-3: a random-init model is built whole
@@ -217,14 +219,21 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
         train_log.truncate_after(step)
         eval_log.truncate_after(step)
 
-    tracker = Tracker(cfg, run_dir, enabled=acc.is_main_process)
+    tracker = start_tracker(cfg, run_dir, acc, enabled=acc.is_main_process)
     diag = DiagnosticsRunner.for_training(cfg, inner, data, run_dir, tracker, acc.is_main_process, step)
     ga = int(cfg.train.gradient_accumulation_steps)
     steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / ga))
     loss_cfg = cfg.train.get("loss") or {}  # train.loss.impl: full | chunked (mtlora.training.loss)
     loss_impl, loss_chunk = loss_cfg.get("impl", "full"), int(loss_cfg.get("chunk_tokens") or 4096)
     batches = stream.iterate(epoch, batch)
-    bar = tqdm(total=steps, initial=step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
+    ckpt_every = resolve_every(cfg.train.checkpoint_every, steps, "train.checkpoint_every")
+    eval_every = resolve_every(cfg.eval.get("every_steps"), steps, "eval.every_steps")
+    if acc.is_main_process:
+        heldin = "heldin" in cfg.eval.suites
+        log.info(
+            "%s", schedule_line(steps, ckpt_every, eval_every if heldin else None, heldin and cfg.eval.at_end)
+        )
+    bar = ProgressBar(steps, step, "train", disable=not acc.is_main_process)
     t_last, seen_tokens = time.perf_counter(), 0
     final: dict = {}
     ok = False
@@ -317,6 +326,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                 watchdog.check_logged(rec["loss"], step)
                 if acc.is_main_process:
                     train_log.write(rec)
+                    log.info("%s", train_line(rec, steps))
                     tracker.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step)
                     bar.set_postfix(
                         loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}"
@@ -324,12 +334,13 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                 interval.reset()
                 t_last, seen_tokens = time.perf_counter(), 0
 
-            every = cfg.eval.get("every_steps")
-            if every and step % every == 0 and step != steps and "heldin" in cfg.eval.suites:
+            if eval_every and step % eval_every == 0 and step != steps and "heldin" in cfg.eval.suites:
+                t_eval = time.perf_counter()
                 _evaluate(cfg, acc, inner, data, eval_log, tracker, step)
+                t_last += time.perf_counter() - t_eval  # tokens/s counts training time only
             diag.on_step(step, steps)
 
-            if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == steps):
+            if ckpt_every and (step % ckpt_every == 0 or step == steps):
                 state = {
                     "step": step,
                     "data_position": [epoch, batch],
@@ -353,7 +364,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
                     prune_checkpoints(run_dir, int(cfg.train.keep_checkpoints))
         bar.close()
         if cfg.eval.at_end and "heldin" in cfg.eval.suites:
-            final = _evaluate(cfg, acc, inner, data, eval_log, tracker, step)
+            final = _evaluate(cfg, acc, inner, data, eval_log, tracker, step, table=True)
         with zero3_gathered(acc, trainable):  # ZeRO-3: every rank gathers the adapter for the save
             if acc.is_main_process:
                 _write_outputs(cfg, run_dir, inner, train_log, eval_log, final, tracker)
@@ -417,8 +428,9 @@ def _log_record(acc: Accelerator, it: Interval, step: int, epoch: int, scheduler
     return rec
 
 
-def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step: int) -> dict:
-    """The ``heldin`` suite on the main process (under multi-rank ZeRO-3 on every rank, in lockstep)."""
+def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step: int, table=False) -> dict:
+    """The ``heldin`` suite on the main process (under multi-rank ZeRO-3 on every rank, in lockstep); logs
+    one line (``table``: the per-task table)."""
     result: dict = {}
     if acc.is_main_process or eval_on_every_rank(acc):
         result = evaluate_heldin(
@@ -427,14 +439,17 @@ def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step:
     if acc.is_main_process:
         result = {"step": step, "suite": "heldin", **result}
         eval_log.write(result)
-        tracker.log({f"eval/{k}": v for k, v in result["macro"].items()}, step)
+        tracker.log(heldin_values(result), step)
         rows = [{"task": t, **m} for t, m in result["tasks"].items()]
         rows.append({"task": "macro", "n": sum(r["n"] for r in rows), **result["macro"]})
-        log.info(
-            "held-out eval at step %d:\n%s",
-            step,
-            markdown_table(rows, ["task", "n", "loss", "token_acc", "exact_match"]),
-        )
+        if table:
+            log.info(
+                "held-out eval at step %d:\n%s",
+                step,
+                markdown_table(rows, ["task", "n", "loss", "token_acc", "exact_match"]),
+            )
+        else:
+            log.info("held-out eval at step %d: %s", step, heldin_line(result))
     acc.wait_for_everyone()
     return result
 
@@ -442,11 +457,16 @@ def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step:
 def generation_suites_at_end(
     cfg, model, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int
 ) -> None:
-    """The generation suites of ``cfg.eval.suites`` at the end of a run (``eval.at_end``): ``bbh``, then
-    ``heldin_gen`` / ``mmlu``; each writes its files into ``run_dir`` and logs its headline numbers."""
+    """The generation suites of ``cfg.eval.suites`` at the end of a run (``eval.at_end``): the held-in samples
+    (``eval.samples``), ``bbh``, then ``heldin_gen`` / ``mmlu``; each writes its files into ``run_dir`` and logs
+    its headline numbers."""
     if not cfg.eval.at_end:
         return
     with eager_layers(model):  # train.compile: generation shapes would recompile the training graphs
+        if cfg.eval.get("samples"):  # a few generations per task to look at (mtlora.eval.samples)
+            from mtlora.eval.samples import write_heldin_samples
+
+            write_heldin_samples(model, tokenizer, data, cfg.data, cfg.eval.samples, run_dir)
         if "bbh" in cfg.eval.suites:
             _evaluate_bbh(cfg, model, tokenizer, data, run_dir, tracker, step)
         if {"heldin_gen", "mmlu"} & set(cfg.eval.suites):
@@ -501,8 +521,5 @@ def _write_outputs(
         tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
     train = train_log.read()
     if cfg.logger.name == "csv" and train:
-        write_csv(
-            run_dir / "metrics" / "train.csv",
-            [{k: v for k, v in r.items() if k != "task_loss"} for r in train],
-        )
-    plot_loss(train, evals, run_dir / "plots" / "loss.png")
+        write_csv(run_dir / "metrics" / "train.csv", train_csv_rows(train))
+    plot_loss(train, evals, run_dir / "plots" / "loss.png", title=str(cfg.run_name))

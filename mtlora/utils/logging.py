@@ -1,4 +1,9 @@
-"""Rank-aware logging: rank 0 logs at INFO to console and ``train.log``; other ranks log warnings only."""
+"""One log format for every entry point, and rank-aware logging for the training workers.
+
+:data:`LOG_FORMAT` is the format of Hydra's job logging (``conf/hydra/default.yaml``, used by
+``python -m mtlora.train``); the entry points that run without Hydra's logging (``evaluate``, ``diagnose``,
+``export``, the ``accelerate launch`` workers) use the same string. Workers: rank 0 logs at INFO to the
+console and ``train.log``; other ranks log warnings only."""
 
 from __future__ import annotations
 
@@ -8,11 +13,17 @@ from pathlib import Path
 
 from mtlora.utils.dist import env_rank
 
-_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+#: keep equal to ``hydra.job_logging.formatters.simple.format`` in conf/hydra/default.yaml
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+def console_logging(level: int = logging.INFO) -> None:
+    """INFO (``level``) and above to stderr in :data:`LOG_FORMAT`, for entry points without Hydra's logging."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def setup_logging(run_dir: Path | None, rank: int | None = None) -> None:
@@ -25,10 +36,10 @@ def setup_logging(run_dir: Path | None, rank: int | None = None) -> None:
         root.removeHandler(h)
         h.close()
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter(_FORMAT))
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(console)
     if run_dir is not None:
         name = "train.log" if rank == 0 else f"train.rank{rank}.log"
         fh = logging.FileHandler(Path(run_dir) / name)
-        fh.setFormatter(logging.Formatter(_FORMAT))
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(fh)

@@ -3,6 +3,7 @@ multirun, wandb offline."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.helpers.compose import REPO, run_cli
+from tests.helpers.wandb_files import offline_runs
 
 FAST = ["train.log_every=1", "logger=none"]
 
@@ -66,12 +68,34 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
     rec = json.loads((d / "metrics" / "train.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "tokens_per_s", "task_loss"} <= set(rec)
     rows = (d / "metrics" / "per_task.csv").read_text().splitlines()
-    assert rows[0].startswith("step,task,n,loss,token_acc,exact_match") and len(rows) == 5
+    assert rows[0].startswith("step,task,n,loss,token_acc,exact_match") and len(rows) == 1 + 10 * 4  # 10 evals
     weights = load_file(str(d / "adapter" / "adapter_model.safetensors"))
     assert weights and all(".lora_" in k for k in weights)
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # trained, not zero
     assert "held-out eval at step 60" in (d / "train.log").read_text()
     assert "| macro |" in r.stdout + r.stderr  # the per-task table is printed
+    # the default job: held-out eval and checkpoints every 10% of the steps (eval.every_steps / train.checkpoint_every
+    # = auto), so held-out loss is a curve and a stopped run can be resumed
+    evals = [json.loads(x) for x in (d / "metrics" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == list(range(6, 61, 6))
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_54", "step_60"]
+    # train.log: one line per train.log_every with step, loss, lr, tokens/s and the loss of every task
+    records = [json.loads(x) for x in (d / "metrics" / "train.jsonl").read_text().splitlines()]
+    lines = [x for x in (d / "train.log").read_text().splitlines() if "] - step " in x]
+    assert len(lines) == len(records) == 6
+    for line, rec in zip(lines, records):
+        assert (
+            f"step {rec['step']}/60 | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} |" in line
+            and "tok/s" in line
+        )
+        assert all(f"{t} {v:.4f}" in line for t, v in rec["task_loss"].items()) and len(rec["task_loss"]) == 4
+    # train.csv: the per-task training loss as task_loss/<task> columns
+    with (d / "metrics" / "train.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in csv_rows] == [r["step"] for r in records]
+    for row, rec in zip(csv_rows, records):
+        for t, v in rec["task_loss"].items():
+            assert float(row[f"task_loss/{t}"]) == pytest.approx(v)
 
 
 def test_bad_config_fails_fast_naming_the_key(tmp_path: Path) -> None:
@@ -261,22 +285,49 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path: Path) -> None:
     assert done[0].parent != done[1].parent
 
 
-def test_wandb_offline_creates_exactly_one_run(tmp_path: Path) -> None:
+def test_wandb_offline_one_run_per_job_with_per_task_metrics_continued_on_resume(tmp_path: Path) -> None:
+    """logger=wandb_offline: exactly one wandb run, holding the training loss and the held-out metrics of every
+    task at the steps they were measured (the values of metrics/*.jsonl); a resumed job continues that run."""
     d = tmp_path / "run"
-    r = run_cli(
-        [
-            f"hydra.run.dir={d}",
-            "logger=wandb_offline",
-            "train.max_steps=2",
-            "eval.max_examples_per_task=4",
-            "train.log_every=1",
-        ],
-        env={"WANDB_MODE": "offline"},
-    )
+    args = [
+        f"hydra.run.dir={d}",
+        "logger=wandb_offline",
+        "train.max_steps=4",
+        "eval.every_steps=2",
+        "eval.max_examples_per_task=4",
+        "train.log_every=1",
+    ]
+    r = run_cli(args, env={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list((d / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
-    assert (d / "wandb_id.txt").read_text().strip() in runs[0].name
+    run_id = (d / "wandb_id.txt").read_text().strip()
+    assert run_id in runs[0].name
+    rows = offline_runs(d)[run_id]["rows"]
+    tasks = ["arithmetic", "word_sorting", "boolean_expressions", "counting"]
+    metrics = ["loss", "token_acc", "exact_match"]
+    evals = [json.loads(x) for x in (d / "metrics" / "eval.jsonl").read_text().splitlines()]
+    logged = {
+        row["_step"]: row for row in rows if "eval/heldin/arithmetic/loss" in row
+    }  # one log call per evaluation
+    assert sorted(logged) == [e["step"] for e in evals] == [2, 4]
+    for e in evals:
+        for t in tasks:
+            for m in metrics:
+                assert logged[e["step"]][f"eval/heldin/{t}/{m}"] == pytest.approx(e["tasks"][t][m]), (t, m)
+        for m in metrics:
+            assert logged[e["step"]][f"eval/heldin/macro/{m}"] == pytest.approx(e["macro"][m])
+    train = {row["_step"]: row for row in rows if "train/loss" in row}
+    for rec in map(json.loads, (d / "metrics" / "train.jsonl").read_text().splitlines()):
+        for t, v in rec["task_loss"].items():
+            assert train[rec["step"]][f"train/task_loss/{t}"] == pytest.approx(v)
+
+    shutil.rmtree(d / "checkpoints" / "step_4")  # stopped after step 3: resume=auto continues the wandb run
+    r = run_cli([*args, "resume=auto"], env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((d / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run_id in p.name for p in runs), runs
+    assert (d / "wandb_id.txt").read_text().strip() == run_id
 
 
 @pytest.mark.slow

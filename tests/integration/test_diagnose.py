@@ -8,6 +8,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,6 +20,7 @@ from mtlora.load import load_run
 from mtlora.train import run
 from tests.helpers.compose import REPO, compose_train, run_module
 from tests.helpers.training import SHORT_RUN, logged, train_tiny
+from tests.helpers.wandb_files import offline_runs as _offline_runs
 
 HYDRA = [*SHORT_RUN, "adapter=hydralora"]  # dropout 0.05: a consumed RNG draw would change the losses
 ALL = {"heads", "conflict", "spectral", "routing", "divergence"}
@@ -130,12 +132,16 @@ def test_diagnose_cli_writes_every_diagnostic_and_the_plots(runs, tmp_path) -> N
     assert {r["diagnostic"] for r in new} == ALL | {"tsne"}
     assert all(r["source"] == "diagnose" and r["event"] == "diagnose" and r["step"] == 6 for r in new)
     tsne = next(r for r in new if r["diagnostic"] == "tsne")
-    assert len(tsne["representations"]["xy"]) == 4 * 16 and tsne["parameters"]
+    # 64 held-out representations are embedded; the tiny model's parameter groups (4 to 16 matrices each) are
+    # fewer than 30 points: no t-SNE of them, and no parameter plot
+    assert len(tsne["representations"]["xy"]) == 4 * 16 and tsne["parameters"] == {}
+    assert "skipped: 16 points (fewer than 30)" in res.stderr
     conflict = next(r for r in new if r["diagnostic"] == "conflict")
     assert conflict["batches_per_task"] == {t: 1 for t in conflict["tasks"]}
     plots = d / "plots" / "diagnostics"
-    for kind in ("conflict", "routing", "spectral", "divergence", "tsne_parameters", "tsne_representations"):
+    for kind in ("conflict", "routing", "spectral", "divergence", "tsne_representations"):
         assert _is_png(plots / f"{kind}_diagnose_step6.png"), kind
+    assert not (plots / "tsne_parameters_diagnose_step6.png").exists()
     assert _is_png(plots / "head_similarity_diagnose.png")
     assert list(tmp_path.iterdir()) == []  # no Hydra output dir, .hydra/ or log file in the cwd
     assert not (d / ".hydra").exists() and not list(d.glob("*.log"))
@@ -190,48 +196,6 @@ def test_random_init_heads_are_saved_before_training_and_diagnose_reports_the_in
     assert rec["mean_increment"] is not None and rec["mean_increment"] != pytest.approx(rec["mean"], abs=1e-3)
 
 
-def _wandb_records(wandb_file: Path) -> list:
-    """The protobuf records of a wandb transaction log (``run-<id>.wandb``: LevelDB log format, 32 KiB blocks
-    of ``crc32 | length | type`` framed chunks after a 7-byte header)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block = wandb_file.read_bytes(), 32768
-    pos, chunk, out = 7, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk += data[pos + 7 : pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):  # FULL or LAST
-            rec = pb.Record()
-            rec.ParseFromString(chunk)
-            out.append(rec)
-            chunk = b""
-    return out
-
-
-def _offline_runs(run_dir: Path) -> dict[str, dict]:
-    """``{wandb id: {"job_type", "group", "history": {key: value}}}`` of the offline wandb runs in ``run_dir``."""
-    runs = {}
-    for f in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
-        info: dict = {"history": {}}
-        for rec in _wandb_records(f):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                info.update(id=rec.run.run_id, job_type=rec.run.job_type, group=rec.run.run_group)
-            elif kind == "history":
-                for item in rec.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    info["history"][key] = json.loads(item.value_json)
-        runs[info["id"]] = info
-    return runs
-
-
 def test_diagnose_logs_to_wandb_offline(runs, tmp_path) -> None:
     """A run trained with logger=wandb_offline: ``mtlora.diagnose`` logs the diag/ scalars to a new offline
     wandb run (job_type diagnose, the run's group), the training run's own wandb id untouched. A run trained
@@ -267,11 +231,13 @@ def test_diagnose_logs_to_wandb_offline(runs, tmp_path) -> None:
             ("divergence", "mmd"),
         ):
             assert info["history"][f"diag/{name}/{stat}"] == pytest.approx(recs[name][stat]), (name, stat)
-    # logger=none (command line) on the wandb run: nothing new under wandb/
+    # logger=none (command line) on the wandb run: nothing new under wandb/; the dataset bars are off
     n = len(_offline_runs(w))
+    datasets.enable_progress_bars()
     diagnose(
         w,
         compose_train(["diagnostics=default", *cheap]).diagnostics,
         logger=OmegaConf.create({"name": "none"}),
     )
     assert len(_offline_runs(w)) == n
+    assert not datasets.is_progress_bar_enabled()

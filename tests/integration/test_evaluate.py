@@ -5,6 +5,8 @@ the missing-data error."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import hashlib
 import json
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     before = {p.relative_to(run) for p in run.rglob("*")}
+    heldin_before = {x: (run / "metrics" / f"eval_heldin.{x}").read_text() for x in ("json", "md")}
     res = run_module(
         "mtlora.evaluate",
         ["eval=bbh", f"run_dir={run}", "eval.bbh.limit=2", f"eval.bbh.tasks=[{','.join(TASKS)}]"]
@@ -77,9 +80,21 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "BBH mtlora_direct: macro" in res.stdout
-    # nothing Hydra-related anywhere: only the eval outputs are new in the run dir, nothing in the cwd
+    # nothing Hydra-related anywhere: only the eval outputs are new in the run dir, nothing in the cwd; the
+    # training-time held-out results that eval=bbh's heldin suite replaces are kept in earlier_evals/<time>/
     new = {str(p.relative_to(run)) for p in run.rglob("*")} - {str(p) for p in before}
-    assert new == {
+    (stamp,) = [p.name for p in (run / "earlier_evals").iterdir()]
+    earlier = f"earlier_evals/{stamp}"
+    for x, text in heldin_before.items():
+        assert (run / earlier / "metrics" / f"eval_heldin.{x}").read_text() == text
+    assert {p for p in new if p.startswith("earlier_evals")} == {
+        "earlier_evals",
+        earlier,
+        f"{earlier}/metrics",
+        f"{earlier}/metrics/eval_heldin.json",
+        f"{earlier}/metrics/eval_heldin.md",
+    }
+    assert {p for p in new if not p.startswith("earlier_evals")} == {
         *(f"metrics/eval_bbh_mtlora_direct.{ext}" for ext in ("json", "csv", "md")),
         "predictions/bbh_mtlora_direct",
         *(f"predictions/bbh_mtlora_direct/{t}.jsonl" for t in TASKS),
@@ -105,6 +120,10 @@ def test_end_of_training_hook_then_evaluate_cli(tmp_path: Path) -> None:
         assert [x["id"] for x in lines] == [f"{task}/3", f"{task}/4"]  # demos = examples 0..2
         correct = []
         for x, ex in zip(lines, examples):
+            assert x["prompt"] == bbh.build_prompt(
+                "mtlora_direct", task, ex["input"]
+            )  # the text, not only its hash
+            assert x["prompt_sha1"] == hashlib.sha1(x["prompt"].encode()).hexdigest()
             assert x["target"] == ex["target"]
             assert x["correct"] == bbh.score("mtlora_direct", task, x["generation"], x["target"])
             assert x["extracted"] == bbh.extract("mtlora_direct", task, x["generation"])
@@ -324,3 +343,36 @@ def test_merge_of_a_task_aware_adapter_uses_the_eval_task_id(tmp_path: Path) -> 
         torch.equal(v, before[k]) or torch.allclose(v, before[k], atol=1e-6)
         for k, v in model.state_dict().items()
     )
+
+
+def test_a_later_evaluate_keeps_the_earlier_results(tmp_path: Path) -> None:
+    """A second evaluation into the same dir moves the first one's outputs (metrics and predictions) to
+    earlier_evals/<time they were written>/ instead of overwriting them; the dataset bars are off."""
+    import datasets
+
+    from mtlora.evaluate import evaluate
+
+    cfg = compose_train(["eval=bbh", "eval.suites=[bbh]", "eval.bbh.tasks=[navigate]", "eval.bbh.limit=1"])
+    cfg.eval.bbh.max_new_tokens = 2
+    evaluate(cfg, {"adapter_none": True, "out": str(tmp_path)})
+    first = {
+        p.relative_to(tmp_path): p.read_text()
+        for p in [*(tmp_path / "metrics").glob("eval_bbh_*"), *(tmp_path / "predictions").rglob("*.jsonl")]
+    }
+    assert len(first) == 4  # json, csv, md, predictions/bbh_mtlora_direct/navigate.jsonl
+    written = dt.datetime.fromtimestamp(
+        (tmp_path / "metrics" / "eval_bbh_mtlora_direct.json").stat().st_mtime
+    )
+    datasets.enable_progress_bars()
+    evaluate(cfg, {"adapter_none": True, "out": str(tmp_path)})
+    assert not datasets.is_progress_bar_enabled()
+    earlier = tmp_path / "earlier_evals" / written.strftime("%Y-%m-%d_%H-%M-%S")
+    assert [p.name for p in (tmp_path / "earlier_evals").iterdir()] == [earlier.name]
+    for rel, text in first.items():
+        assert (earlier / rel).read_text() == text, rel  # the earlier files, unchanged
+        assert (tmp_path / rel).exists(), rel  # and the new evaluation's
+    cfg.eval.bbh.limit = 2  # a third evaluation: a second earlier dir, the first one kept
+    evaluate(cfg, {"adapter_none": True, "out": str(tmp_path)})
+    assert len(list((tmp_path / "earlier_evals").iterdir())) in (1, 2)  # (two evaluations within one second)
+    assert sum(1 for _ in (tmp_path / "earlier_evals").rglob("navigate*.jsonl")) == 2
+    assert json.loads((tmp_path / "metrics" / "eval_bbh_mtlora_direct.json").read_text())["micro"]["n"] == 2

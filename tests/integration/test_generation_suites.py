@@ -4,6 +4,7 @@ end-of-training hook, plain and task-aware adapters) and ``mmlu`` on a fake Hend
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -127,9 +128,37 @@ def test_end_of_training_hook_passes_task_ids(tmp_path: Path, monkeypatch) -> No
     assert any(getattr(x, "needs_task_ids", False) for x in model.modules())
     for task, t in (("counting", 3), ("boolean_expressions", 2)):
         x = _lines(run / "predictions" / "heldin_gen" / f"{task}.jsonl")[0]
-        assert x["task_id"] == t and x["prompt_sha1"]
         prompt = seen["prompts"][2 * t]
+        assert x["task_id"] == t and x["prompt"] == prompt
+        assert x["prompt_sha1"] == hashlib.sha1(prompt.encode()).hexdigest()
         assert x["generation"] == _greedy_forward(model, tok, prompt, 4, task_id=t)
+
+
+def test_every_run_ends_with_a_few_greedy_samples_per_task(tmp_path: Path) -> None:
+    """eval.samples: the first per_task held-out rows of every task, greedy-decoded with the row's task id
+    (task-aware MTL-LoRA here) and read with the task's metric, in predictions/heldin_samples/<task>.jsonl."""
+    over = [*BASE, "adapter=mtl_lora", "eval=default", "eval.samples.per_task=2"]
+    run = _train(tmp_path, "run", [*over, "eval.samples.max_new_tokens=5"])
+    model, tok = load_run(run)
+    from mtlora.data import build_data
+
+    cfg = compose_train(over, run_dir=run)
+    data = build_data(cfg.data, tok, int(cfg.model.max_seq_len))
+    assert sorted(p.name for p in (run / "predictions" / "heldin_samples").iterdir()) == sorted(
+        f"{t}.jsonl" for t in TASK_METRICS
+    )
+    for t, (task, metric) in enumerate(TASK_METRICS.items()):
+        lines = _lines(run / "predictions" / "heldin_samples" / f"{task}.jsonl")
+        assert [x["id"] for x in lines] == [f"{task}/0", f"{task}/1"]
+        for i, x in enumerate(lines):
+            row = data.eval[t][i]
+            assert (x["task"], x["prompt"], x["target"]) == (task, row["prompt"], row["target"])
+            assert x["generation"] == _greedy_forward(model, tok, row["prompt"], 5, task_id=t)
+            assert x["extracted"] == metrics.extract(metric, x["generation"])
+            assert (x["correct"], x["score"]) == metrics.score(metric, x["generation"], x["target"])
+    # per_task=0 writes none
+    run0 = _train(tmp_path, "off", [*BASE, "eval=default", "eval.samples.per_task=0"])
+    assert (run0 / "metrics" / "eval_heldin.json").exists() and not (run0 / "predictions").exists()
 
 
 def test_heldin_gen_config_rules(tmp_path: Path) -> None:

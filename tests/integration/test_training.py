@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,82 @@ def test_debug_overfit_drives_one_fixed_batch_towards_zero(tmp_path: Path) -> No
     run_training(cfg, d)
     losses = logged(d)
     assert losses[0] > 2.0 and losses[-1] < 0.2, losses
+
+
+def test_tensorboard_logs_the_per_task_train_and_heldout_curves(tmp_path: Path) -> None:
+    """logger=tensorboard (Accelerate's tracker): event files in <run_dir>/tensorboard with the training loss
+    of every task at every logged step and the held-out metrics of every task at every evaluation."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = _train(
+        tmp_path,
+        "tb",
+        ["logger=tensorboard", "eval=default", "eval.every_steps=2", "eval.max_examples_per_task=4"],
+    )
+    ea = EventAccumulator(str(d / "tensorboard"))
+    ea.Reload()
+    train = [json.loads(x) for x in (d / "metrics" / "train.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (d / "metrics" / "eval.jsonl").read_text().splitlines()]
+    for t in train[0]["task_loss"]:
+        got = [(e.step, e.value) for e in ea.Scalars(f"train/task_loss/{t}")]
+        assert got == [
+            (r["step"], pytest.approx(r["task_loss"][t], rel=1e-6)) for r in train if t in r["task_loss"]
+        ]
+    for t in evals[0]["tasks"]:
+        got = [(e.step, e.value) for e in ea.Scalars(f"eval/heldin/{t}/loss")]
+        assert got == [(e["step"], pytest.approx(e["tasks"][t]["loss"], rel=1e-6)) for e in evals]
+    assert [e.step for e in ea.Scalars("eval/heldin/macro/exact_match")] == [2, 4]
+
+
+def test_a_stopped_default_run_resumes_with_the_same_losses(tmp_path: Path, monkeypatch) -> None:
+    """Checkpoints are on by default (train.checkpoint_every=auto: every 10% of the steps): a run stopped
+    right after a checkpoint continues with resume=auto and logs the losses of an uninterrupted run."""
+    from mtlora.training import loop
+
+    args = ["train.max_steps=20", "eval=none", "data.budget=128", "train.log_every=1", "logger=none"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run_training(compose_train(args, run_dir=ref), ref)
+    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == ["step_18", "step_20"]
+
+    class Stopped(Exception):
+        pass
+
+    save = loop.save_checkpoint
+
+    def save_then_stop(path, *a, **k):
+        save(path, *a, **k)
+        if path.name == "step_10":
+            raise Stopped
+
+    d = tmp_path / "stopped"
+    d.mkdir()
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stopped):
+        run_training(compose_train(args, run_dir=d), d)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert len(logged(d)) == 10
+    run_training(compose_train([*args, "resume=auto"], run_dir=d), d)
+    assert logged(d) == pytest.approx(logged(ref), rel=1e-6, abs=1e-7) and len(logged(d)) == 20
+
+
+def test_mlflow_logs_per_task_metrics_into_one_run_continued_on_resume(tmp_path: Path) -> None:
+    """logger=mlflow (optional package): one MLflow run per job with the per-task metrics; its id is kept in
+    the run dir and a resumed job logs into the same run."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["logger=mlflow", f"logger.mlflow.tracking_uri={uri}", "eval=default", "eval.every_steps=2"]
+    args += ["eval.max_examples_per_task=4", "train.checkpoint_every=1"]
+    d = _train(tmp_path, "ml", args)
+    run_id = (d / "mlflow_run_id.txt").read_text().strip()
+    shutil.rmtree(d / "checkpoints" / "step_4")
+    run_training(compose_train([*BASE, *args, "resume=auto"], run_dir=d), d)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    evals = [json.loads(x) for x in (d / "metrics" / "eval.jsonl").read_text().splitlines()]
+    for t in evals[0]["tasks"]:
+        hist = {m.step: m.value for m in client.get_metric_history(run_id, f"eval/heldin/{t}/loss")}
+        assert hist == {e["step"]: pytest.approx(e["tasks"][t]["loss"], rel=1e-6) for e in evals}
+    assert {f"train/task_loss/{t}" for t in evals[0]["tasks"]} <= set(run.data.metrics)

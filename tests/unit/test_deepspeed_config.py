@@ -237,8 +237,10 @@ def test_multi_process_zero3_skips_only_the_generation_suites():
     assert eval_on_every_rank(acc)
     out = defer_main_process_eval(cfg, acc)
     assert list(out.eval.suites) == ["heldin"] and out.eval.at_end is True and out.eval.every_steps == 2
+    assert out.eval.samples.per_task == 0  # the held-in samples generate too
     assert list(cfg.eval.suites) == ["heldin", "bbh", "mmlu"]  # the caller's config is left alone
-    heldin_only = compose_train(["hardware=gpu8_zero3"])
+    assert cfg.eval.samples.per_task == 3
+    heldin_only = compose_train(["hardware=gpu8_zero3", "eval.samples.per_task=0"])
     assert defer_main_process_eval(heldin_only, acc) is heldin_only
     for other in (
         _FakeAcc(DistributedType.DEEPSPEED, stage=3),
