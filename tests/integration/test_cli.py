@@ -68,7 +68,9 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
     rec = json.loads((d / "metrics" / "train.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "tokens_per_s", "task_loss"} <= set(rec)
     rows = (d / "metrics" / "per_task.csv").read_text().splitlines()
-    assert rows[0].startswith("step,task,n,loss,token_acc,exact_match") and len(rows) == 1 + 10 * 4  # 10 evals
+    assert (
+        rows[0].startswith("step,task,n,loss,token_acc,exact_match") and len(rows) == 1 + 10 * 4
+    )  # 10 evals
     weights = load_file(str(d / "adapter" / "adapter_model.safetensors"))
     assert weights and all(".lora_" in k for k in weights)
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # trained, not zero
