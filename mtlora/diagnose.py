@@ -46,7 +46,7 @@ register_resolvers()
 log = logging.getLogger("mtlora.diagnose")
 
 #: command-line keys that are not part of the train config (passed with a ``+``)
-EXTRA_KEYS = ("run_dir", "device", "allow_incomplete")
+EXTRA_KEYS = ("run_dir", "device", "allow_incomplete", "trust_remote_code")
 
 
 def final_step(run_dir: Path) -> int:
@@ -103,18 +103,22 @@ def diagnose(
     device: str = "cpu",
     allow_incomplete: bool = False,
     logger: DictConfig | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict]:
     """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
 
-    ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``)."""
+    ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``);
+    ``trust_remote_code``: see :func:`mtlora.load.guard_remote_code` (off unless given)."""
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
-    from mtlora.load import load_run
+    from mtlora.load import guard_remote_code, load_run
     from mtlora.run.rundir import load_resolved_config
 
     run_dir = Path(run_dir)
-    model, tokenizer = load_run(run_dir, device=device, allow_incomplete=allow_incomplete)
-    saved = load_resolved_config(run_dir)
+    model, tokenizer = load_run(
+        run_dir, device=device, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
+    )
+    saved = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     data = build_data(saved.data, tokenizer, int(saved.model.max_seq_len))
     runner = DiagnosticsRunner(
         diag_cfg,
@@ -150,8 +154,9 @@ def main(cfg: DictConfig) -> None:
         run_dir,
         cfg.diagnostics,
         str(cfg.get("device") or "cpu"),
-        bool(cfg.get("allow_incomplete")),
+        _flag(cfg, "allow_incomplete"),
         logger=cfg.logger if "logger" in given else None,  # else the run's own logger
+        trust_remote_code=_flag(cfg, "trust_remote_code"),
     )
     done = sorted({r["diagnostic"] for r in records})
     print(
@@ -160,6 +165,14 @@ def main(cfg: DictConfig) -> None:
         flush=True,
     )
     print(OmegaConf.to_yaml(OmegaConf.create({r["diagnostic"]: _scalars(r) for r in records})), flush=True)
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    """A command-line boolean: true/false only (a typo must not switch anything on or off)."""
+    v = cfg.get(key)
+    if v is None or isinstance(v, bool):
+        return bool(v)
+    raise SystemExit(f"error: {key}={v!r}: allowed values are true or false")
 
 
 def _scalars(rec: dict) -> dict:

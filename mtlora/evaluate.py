@@ -15,7 +15,8 @@ base model; writes ``metrics/eval_heldin.json`` / ``.md``, replacing the trainin
 into the run dir), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``mmlu``
 (:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
 Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
-``device=cpu|cuda``, ``adapter=none``. Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
+``device=cpu|cuda``, ``adapter=none``, ``trust_remote_code=true`` (needed to load a run whose config enables
+remote code: :func:`mtlora.load.guard_remote_code`). Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
 only the eval outputs are written. A base-model evaluation (``adapter=none``, or a config whose
 ``adapter.method`` is ``none``, as the ``conf/experiment/<paper>/<table>/base.yaml`` presets) also makes
 ``out`` a run dir: ``RUNNING`` then ``COMPLETED``/``FAILED``, ``config_resolved.yaml`` (``adapter: {name:
@@ -48,7 +49,8 @@ NO_OUTPUT_OVERRIDES = {
     "hydra/hydra_logging": "none",
 }
 #: our own options, taken off the command line before Hydra sees it
-OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device")
+OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device", "trust_remote_code")
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _write_heldin(result: dict, out: Path) -> None:
@@ -118,14 +120,18 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     device = torch.device(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = opts.get("run_dir")
     if run_dir:
-        from mtlora.load import load_run, run_task_names
+        from mtlora.load import guard_remote_code, load_run, run_task_names
         from mtlora.run.rundir import load_resolved_config
 
         run_dir = Path(run_dir)
+        trust = bool(opts.get("trust_remote_code"))
         model, tokenizer = load_run(
-            run_dir, device=device, allow_incomplete=bool(opts.get("allow_incomplete"))
+            run_dir,
+            device=device,
+            allow_incomplete=bool(opts.get("allow_incomplete")),
+            trust_remote_code=trust,
         )
-        run_cfg = load_resolved_config(run_dir)
+        run_cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust)
         task_names = run_task_names(run_dir)
         out = Path(opts.get("out") or run_dir)
     elif opts.get("adapter_none"):
@@ -182,8 +188,12 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
     rest = [argv[0]]
     for a in argv[1:]:
         key, sep, value = a.partition("=")
-        if sep and key in OWN_KEYS:
-            opts[key] = value if key != "allow_incomplete" else value.lower() in ("1", "true", "yes")
+        if sep and key in ("allow_incomplete", "trust_remote_code"):
+            if value.lower() not in _BOOL:
+                raise ConfigError(f"{key}={value!r}: allowed values are true or false")
+            opts[key] = _BOOL[value.lower()]
+        elif sep and key in OWN_KEYS:
+            opts[key] = value
         elif a == "adapter=none":
             opts["adapter_none"] = True
         else:
@@ -194,6 +204,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
 
 
 if __name__ == "__main__":
-    sys.argv, opts = split_argv(sys.argv)
+    try:
+        sys.argv, opts = split_argv(sys.argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     _OPTS.update(opts)
     main()

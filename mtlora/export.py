@@ -7,7 +7,8 @@ Usage::
     python -m mtlora.export run_dir=RUN format=merged out=DIR task_id=arithmetic   # task-aware: one task
 
 Options: ``overwrite=true`` (write into a non-empty ``out``), ``allow_incomplete=true`` (export a run that
-is not ``COMPLETED``). ``out`` defaults to ``RUN/export/<format>``.
+is not ``COMPLETED``), ``trust_remote_code=true`` (load a run whose config enables remote code, see
+:func:`mtlora.load.guard_remote_code`). ``out`` defaults to ``RUN/export/<format>``.
 
 ``format=peft`` writes files only (peft need not be installed to export)::
 
@@ -63,7 +64,7 @@ from mtlora.adapters.lora import LoraLinear, lora_scaling
 from mtlora.adapters.multihead import MLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
-from mtlora.load import RunLoadError, check_run_dir, load_run, run_task_names
+from mtlora.load import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
 from mtlora.run.rundir import load_resolved_config
 
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main"]
@@ -194,14 +195,20 @@ def _peft_tensors(layer: AdapterLayer) -> dict[str, torch.Tensor]:
 
 
 def export_peft(
-    run_dir: str | Path, out: str | Path, overwrite: bool = False, allow_incomplete: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write the run's LoRA as a peft adapter dir (see the module doc); returns ``out``."""
     run_dir = check_run_dir(run_dir, allow_incomplete)
-    cfg = load_resolved_config(run_dir)
+    cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     _check_method(run_dir, cfg.adapter.method, "peft")
     out = _check_out(Path(out), overwrite)
-    model, tokenizer = load_run(run_dir, allow_incomplete=allow_incomplete)
+    model, tokenizer = load_run(
+        run_dir, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
+    )
     layers = adapter_layers(model)
     kinds = {type(m) for m in layers.values()}
     if len(kinds) != 1 or not kinds <= set(PEFT_CLASSES):
@@ -282,16 +289,19 @@ def export_merged(
     overwrite: bool = False,
     allow_incomplete: bool = False,
     task_id: int | str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Merge the run's adapters into the base weights and save a plain HF model dir; returns ``out``.
 
     ``task_id`` (a training task name or id) is required for task-aware runs, refused for the others."""
     run_dir = check_run_dir(run_dir, allow_incomplete)
-    cfg = load_resolved_config(run_dir)
+    cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     _check_method(run_dir, cfg.adapter.method, "merged")
     task = _resolve_task_id(run_dir, cfg, task_id)
     out = _check_out(Path(out), overwrite)
-    model, tokenizer = load_run(run_dir, allow_incomplete=allow_incomplete)
+    model, tokenizer = load_run(
+        run_dir, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
+    )
     tied = _tied_adapted_weights(model)
     if tied:
         raise ExportError(
@@ -317,6 +327,7 @@ def export_run(
     overwrite: bool = False,
     allow_incomplete: bool = False,
     task_id: int | str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export ``run_dir`` in ``format`` (``peft`` or ``merged``) into ``out`` (default ``RUN/export/<format>``);
     ``task_id`` (``merged`` of task-aware runs): the task to merge, by name or id."""
@@ -324,29 +335,37 @@ def export_run(
         raise ExportError(f"format={format!r}: allowed values are {list(FORMATS)}")
     out = Path(run_dir) / "export" / format if out is None else Path(out)
     if format == "merged":
-        return export_merged(run_dir, out, overwrite, allow_incomplete, task_id=task_id)
+        return export_merged(
+            run_dir, out, overwrite, allow_incomplete, task_id=task_id, trust_remote_code=trust_remote_code
+        )
     if task_id is not None:
         raise ExportError(f"task_id={task_id!r} applies only to format=merged (of task-aware runs)")
-    return export_peft(run_dir, out, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    return export_peft(
+        run_dir,
+        out,
+        overwrite=overwrite,
+        allow_incomplete=allow_incomplete,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 USAGE = (
     "usage: python -m mtlora.export run_dir=RUN format=peft|merged [out=DIR] [overwrite=true] "
-    "[allow_incomplete=true] [task_id=TASK (merged, task-aware runs)]"
+    "[allow_incomplete=true] [task_id=TASK (merged, task-aware runs)] [trust_remote_code=true]"
 )
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def parse_args(argv: Sequence[str]) -> dict:
     """``key=value`` arguments → keyword arguments of :func:`export_run` (raises ``ValueError``)."""
-    known = {"run_dir", "format", "out", "overwrite", "allow_incomplete", "task_id"}
+    known = {"run_dir", "format", "out", "overwrite", "allow_incomplete", "task_id", "trust_remote_code"}
     args: dict = {}
     for item in argv:
         key, sep, value = item.partition("=")
         key = key.lstrip("-").replace("-", "_")
         if not sep or key not in known:
             raise ValueError(f"unknown argument {item!r}; arguments are {sorted(known)} as key=value")
-        if key in ("overwrite", "allow_incomplete"):
+        if key in ("overwrite", "allow_incomplete", "trust_remote_code"):
             if value.lower() not in _BOOL:
                 raise ValueError(f"{key}={value!r}: allowed values are true/false")
             args[key] = _BOOL[value.lower()]

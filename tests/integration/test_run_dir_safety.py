@@ -1,0 +1,95 @@
+"""What loading, evaluating, exporting and diagnosing a run dir never does: run code shipped in it, write
+into another run, or trust corrupted files without saying so.
+
+One tiny run is trained in this process and shared; each test works on a copy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mtlora.diagnose import diagnose
+from mtlora.evaluate import evaluate, split_argv
+from mtlora.export import main as export_main
+from mtlora.export import parse_args
+from mtlora.load import RunLoadError, load_run
+from mtlora.run.rundir import finish, save_resolved_config
+from mtlora.training.loop import run_training
+from tests.helpers.compose import compose_train
+from tests.helpers.training import EXPORT_RUN
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("safety") / "run"
+    d.mkdir()
+    cfg = compose_train(EXPORT_RUN, run_dir=d)
+    save_resolved_config(cfg, d)  # what train.run does around run_training
+    run_training(cfg, d)
+    finish(d, ok=True)
+    return d
+
+
+def _copy(run_dir: Path, tmp_path: Path, name: str = "copy") -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / name))
+
+
+# --- remote code ----------------------------------------------------------------------------------------
+
+EVIL_CONFIG = """{"model_type": "evil_test_model", "architectures": ["EvilModel"],
+ "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}"""
+EVIL_CODE = """import pathlib
+pathlib.Path({marker!r}).write_text("executed")
+from transformers import PretrainedConfig
+class EvilConfig(PretrainedConfig):
+    model_type = "evil_test_model"
+raise RuntimeError("the evil module ran")
+"""
+
+
+def _plant_remote_code(d: Path, tmp_path: Path) -> Path:
+    """Point the run's config at a model folder whose ``auto_map`` code writes a marker file when imported,
+    with ``trust_remote_code: true``; returns the marker's path."""
+    marker = tmp_path / "EXECUTED"
+    evil = tmp_path / "evil_model"
+    evil.mkdir()
+    (evil / "config.json").write_text(EVIL_CONFIG)
+    (evil / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    cfg = OmegaConf.load(d / "config_resolved.yaml")
+    cfg.model.init, cfg.model.hub_id, cfg.model.trust_remote_code = "pretrained", str(evil), True
+    OmegaConf.save(cfg, d / "config_resolved.yaml")
+    return marker
+
+
+def test_loading_a_run_never_enables_remote_code_by_itself(trained, tmp_path: Path, capsys) -> None:
+    d = _copy(trained, tmp_path)
+    marker = _plant_remote_code(d, tmp_path)
+    refused = rf"run dir {d}: config_resolved.yaml sets model.trust_remote_code=true.*trust_remote_code=true"
+    with pytest.raises(RunLoadError, match=refused):
+        load_run(d)
+    for fmt in ("peft", "merged"):
+        assert export_main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 1
+        assert "model.trust_remote_code=true" in capsys.readouterr().err
+    eval_cfg = compose_train(["eval.suites=[heldin]"])
+    with pytest.raises(RunLoadError, match=refused):
+        evaluate(eval_cfg, {"run_dir": str(d)})
+    with pytest.raises(RunLoadError, match=refused):
+        diagnose(d, compose_train(["diagnostics=default"]).diagnostics)
+    assert not marker.exists()
+    # the explicit flag of the command line is what enables it (here the planted code then runs and fails)
+    with pytest.raises(Exception, match="the evil module ran"):
+        load_run(d, trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_remote_code_flag_is_parsed_strictly_on_every_command_line() -> None:
+    assert parse_args(["run_dir=R", "format=peft", "trust_remote_code=true"])["trust_remote_code"] is True
+    with pytest.raises(ValueError, match="trust_remote_code='ture'"):
+        parse_args(["run_dir=R", "format=peft", "trust_remote_code=ture"])
+    _, opts = split_argv(["evaluate", "run_dir=R", "trust_remote_code=true"])
+    assert opts["trust_remote_code"] is True
+    _, opts = split_argv(["evaluate", "run_dir=R"])
+    assert not opts.get("trust_remote_code")
