@@ -39,6 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.count import NO_OUTPUT_OVERRIDES
+from mtlora.run.metrics import read_jsonl
 from mtlora.run.tracker import Tracker
 from mtlora.utils.resolvers import register_resolvers
 
@@ -53,9 +54,9 @@ def final_step(run_dir: Path) -> int:
     """The run's last optimizer step: the last ``metrics/train.jsonl`` record, else ``meta.json``, else 0."""
     train = run_dir / "metrics" / "train.jsonl"
     if train.exists():
-        lines = [ln for ln in train.read_text().splitlines() if ln.strip()]
-        if lines:
-            return int(json.loads(lines[-1])["step"])
+        records = read_jsonl(train)
+        if records:
+            return int(records[-1]["step"])
     meta = run_dir / "meta.json"
     if meta.exists():
         return int(json.loads(meta.read_text()).get("total_steps") or 0)

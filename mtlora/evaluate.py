@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.errors import ConfigError
+from mtlora.utils.io import atomic_write_text
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
@@ -57,11 +58,12 @@ def _write_heldin(result: dict, out: Path) -> None:
     from mtlora.run.metrics import markdown_table
 
     (out / "metrics").mkdir(parents=True, exist_ok=True)
-    (out / "metrics" / "eval_heldin.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "metrics" / "eval_heldin.json", json.dumps(result, indent=2))
     table = [{"task": t, **m} for t, m in result["tasks"].items()]
     table += [{"task": "macro", **result["macro"]}, {"task": "micro", **result["micro"]}]
-    (out / "metrics" / "eval_heldin.md").write_text(
-        markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n"
+    atomic_write_text(
+        out / "metrics" / "eval_heldin.md",
+        markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n",
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.utils.dist import pid_alive
+from mtlora.utils.io import atomic_write_text
 
 RESOLVED_CONFIG = "config_resolved.yaml"
 MARKERS = ("RUNNING", "COMPLETED", "FAILED")
@@ -51,13 +52,13 @@ def claim(run_dir: Path, resume: str | None) -> None:
 
 def finish(run_dir: Path, ok: bool, message: str = "") -> None:
     """Replace ``RUNNING`` by ``COMPLETED`` or ``FAILED`` (with the time and a message)."""
-    (run_dir / ("COMPLETED" if ok else "FAILED")).write_text(f"{_now()}\n{message}\n")
+    atomic_write_text(run_dir / ("COMPLETED" if ok else "FAILED"), f"{_now()}\n{message}\n")
     (run_dir / "RUNNING").unlink(missing_ok=True)
 
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     path = run_dir / RESOLVED_CONFIG
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 

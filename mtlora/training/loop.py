@@ -57,6 +57,7 @@ from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
 from mtlora.utils.dist import launched_as_worker
+from mtlora.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -467,11 +468,12 @@ def _write_outputs(
     if final:
         import json
 
-        (run_dir / "metrics" / "eval_heldin.json").write_text(json.dumps(final, indent=2))
+        atomic_write_text(run_dir / "metrics" / "eval_heldin.json", json.dumps(final, indent=2))
         table = [{"task": t, **m} for t, m in final["tasks"].items()]
         table += [{"task": "macro", **final["macro"]}, {"task": "micro", **final["micro"]}]
-        (run_dir / "metrics" / "eval_heldin.md").write_text(
-            markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n"
+        atomic_write_text(
+            run_dir / "metrics" / "eval_heldin.md",
+            markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n",
         )
         tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
     train = train_log.read()
