@@ -35,7 +35,7 @@ from mtlora.errors import ConfigError
 from mtlora.launch import spawn_workers
 from mtlora.models.loading import meta_model
 from mtlora.run.meta import config_hash, record_resume, write_meta
-from mtlora.run.rundir import RESOLVED_CONFIG, RunDirBusy, claim, finish, save_resolved_config
+from mtlora.run.rundir import MARKERS, RESOLVED_CONFIG, RunDirBusy, claim, finish, save_resolved_config
 from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker
 from mtlora.utils.resolvers import register_resolvers
 
@@ -96,7 +96,8 @@ def _multirun() -> bool:
 def _job_failed(run_dir: Path, e: Exception) -> float:
     """Multirun: mark the job ``FAILED`` (also when it failed before the run started), log the error and
     return the failure value, so the sweep goes on (mtlora.run.callbacks lists the failures at the end)."""
-    if not isinstance(e, RunDirBusy) and not (run_dir / "FAILED").exists():
+    # a job that failed before claiming its run dir leaves a run found there (e.g. COMPLETED) alone
+    if not isinstance(e, RunDirBusy) and not any((run_dir / m).exists() for m in MARKERS):
         run_dir.mkdir(parents=True, exist_ok=True)
         finish(run_dir, ok=False, message=repr(e))
     log.exception("job failed (the sweep goes on): %s", run_dir)
@@ -129,6 +130,39 @@ def warn_if_config_changed(cfg: DictConfig, run_dir: Path) -> None:
             new,
             before,
         )
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> bool:
+    """Before anything in ``run_dir`` is touched: check that ``resume`` can continue the run there.
+
+    Returns True when there is nothing to do: ``run_dir`` holds a ``COMPLETED`` run whose recorded config
+    hash equals this config's. Raises :class:`ConfigError` when the checkpoint to resume from does not fit
+    this config (:func:`mtlora.training.checkpoint.check_checkpoint_fits`), or when ``resume=auto`` would
+    train a ``COMPLETED`` run without checkpoints again from step 0 (replacing its adapter)."""
+    from mtlora.training.checkpoint import check_checkpoint_fits, resolve_resume
+
+    resume = cfg.get("resume")
+    if resume is None:
+        return False
+    completed = (run_dir / "COMPLETED").exists() and not (run_dir / "RUNNING").exists()
+    meta = run_dir / "meta.json"
+    if completed and meta.exists():
+        try:
+            recorded = json.loads(meta.read_text()).get("config_hash")
+        except json.JSONDecodeError:
+            recorded = None
+        if recorded == config_hash(cfg):
+            return True
+    ckpt = resolve_resume(resume, run_dir)
+    if ckpt is not None:
+        check_checkpoint_fits(cfg, ckpt)
+    elif resume == "auto" and completed:
+        raise ConfigError(
+            f"resume=auto: {run_dir} holds a COMPLETED run with another config and no checkpoint to continue "
+            "from; it would be trained again from step 0 and its adapter replaced: choose another "
+            "hydra.run.dir (or keep its config to leave it as it is)"
+        )
+    return False
 
 
 def start_run(cfg: DictConfig, run_dir: Path) -> None:
@@ -169,6 +203,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         run_secondary_machine(cfg, run_dir)
         return None
     preflight(cfg)
+    if check_resume(cfg, run_dir):
+        log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
+        print(f"{run_dir} is already COMPLETED with this config; nothing to resume", flush=True)
+        return _result(run_dir, cfg.get("optimized_metric"))
     start_run(cfg, run_dir)
     try:
         if cfg.adapter.get("method") == "lorahub":  # gradient-free composition of trained LoRAs
@@ -202,6 +240,10 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
     rank0 = env_rank() == 0
     from mtlora.training.loop import run_training
 
+    if check_resume(cfg, run_dir):  # every rank reads the same files and returns alike
+        if rank0:
+            log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
+        return _result(run_dir, cfg.get("optimized_metric"))
     if rank0:
         start_run(cfg, run_dir)
     try:

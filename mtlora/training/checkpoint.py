@@ -194,6 +194,47 @@ def load_checkpoint(
     }
 
 
+def adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a safetensors file, read from its header (no tensor data)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def check_checkpoint_fits(cfg: Any, ckpt_dir: Path) -> None:
+    """Raise :class:`~mtlora.errors.ConfigError` when the checkpoint ``ckpt_dir`` cannot be resumed with
+    ``cfg``: its adapter tensors (names, shapes) differ from those ``cfg`` injects into its model (built on
+    the meta device: no weights), or it was saved with(out) DeepSpeed and ``cfg`` runs without (with) it.
+    Reads file headers only; nothing is written."""
+    import torch as _torch
+
+    from mtlora.adapters import inject_adapters
+    from mtlora.adapters.state import check_adapter_fits
+    from mtlora.errors import ConfigError
+    from mtlora.models.loading import meta_model
+
+    ds_ckpt, ds_cfg = (ckpt_dir / DEEPSPEED_TAG).is_dir(), bool(cfg.hardware.get("deepspeed"))
+    if ds_ckpt != ds_cfg:
+        raise ConfigError(
+            f"resume={cfg.get('resume')}: {ckpt_dir} was saved {'with' if ds_ckpt else 'without'} DeepSpeed "
+            f"and this config runs {'with' if ds_cfg else 'without'} it; resume with the hardware preset it "
+            "was trained with"
+        )
+    if cfg.model.get("arch") is None:
+        return  # no meta model to compare with; load_checkpoint checks the shapes
+    model = meta_model(cfg.model)
+    with _torch.device("meta"):
+        inject_adapters(model, cfg.adapter)
+    try:
+        check_adapter_fits(model, adapter_shapes(ckpt_dir / ADAPTER_WEIGHTS))
+    except ConfigError as e:
+        raise ConfigError(
+            f"resume={cfg.get('resume')}: the checkpoint {ckpt_dir} does not fit this config: {e}; resume with "
+            "the model and adapter config it was trained with (its run dir's config_resolved.yaml)"
+        ) from e
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
