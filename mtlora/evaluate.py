@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.errors import ConfigError
+from mtlora.run.rundir import check_output_dir
 from mtlora.utils.io import atomic_write_text
 from mtlora.utils.resolvers import register_resolvers
 
@@ -73,6 +74,7 @@ def _start_base_run(cfg: DictConfig, out: Path) -> None:
     from mtlora.run.meta import write_meta
     from mtlora.run.rundir import RESOLVED_CONFIG, claim, save_resolved_config
 
+    check_output_dir(out, own=out)
     earlier = out / RESOLVED_CONFIG
     if earlier.is_file():  # never replace a trained run's record with a base-model evaluation
         method = OmegaConf.select(OmegaConf.load(earlier), "adapter.method")
@@ -126,6 +128,7 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
         from mtlora.run.rundir import load_resolved_config
 
         run_dir = Path(run_dir)
+        check_output_dir(Path(opts.get("out") or run_dir), own=run_dir)  # before the model loads
         trust = bool(opts.get("trust_remote_code"))
         model, tokenizer = load_run(
             run_dir,
@@ -133,14 +136,15 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
             allow_incomplete=bool(opts.get("allow_incomplete")),
             trust_remote_code=trust,
         )
+        out = Path(opts.get("out") or run_dir)
         run_cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust)
         task_names = run_task_names(run_dir)
-        out = Path(opts.get("out") or run_dir)
     elif opts.get("adapter_none"):
         if not opts.get("out"):
             raise ConfigError("adapter=none (base-model evaluation) needs out=DIR for the outputs")
         from mtlora.models import build_model, build_tokenizer
 
+        check_output_dir(Path(opts["out"]), own=Path(opts["out"]))  # a base-model run dir of its own
         model, tokenizer = build_model(cfg.model).to(device).eval(), build_tokenizer(cfg.model)
         run_cfg, task_names, out = cfg, None, Path(opts["out"])
     else:

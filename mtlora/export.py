@@ -6,7 +6,8 @@ Usage::
     python -m mtlora.export run_dir=RUN format=merged out=DIR   # a full HF model with the adapter merged in
     python -m mtlora.export run_dir=RUN format=merged out=DIR task_id=arithmetic   # task-aware: one task
 
-Options: ``overwrite=true`` (write into a non-empty ``out``), ``allow_incomplete=true`` (export a run that
+Options: ``overwrite=true`` (write into a non-empty ``out``; never into a run's ``adapter/`` or into
+another run dir), ``allow_incomplete=true`` (export a run that
 is not ``COMPLETED``), ``trust_remote_code=true`` (load a run whose config enables remote code, see
 :func:`mtlora.load.guard_remote_code`). ``out`` defaults to ``RUN/export/<format>``.
 
@@ -65,7 +66,7 @@ from mtlora.adapters.multihead import MLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
 from mtlora.load import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
-from mtlora.run.rundir import load_resolved_config
+from mtlora.run.rundir import check_output_dir, load_resolved_config
 
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main"]
 
@@ -141,9 +142,15 @@ def _resolve_task_id(run_dir: Path, cfg, task_id: int | str | None) -> tuple[int
     )
 
 
-def _check_out(out: Path, overwrite: bool) -> Path:
-    """Fail early when ``out`` cannot be written (created later, once the run has loaded)."""
+def _check_out(out: Path, overwrite: bool, run_dir: Path) -> Path:
+    """Fail early when ``out`` cannot be written (created later, once the run has loaded), or would replace
+    a run's files: inside another run dir, inside any run's ``adapter/`` (``checkpoints/``, ...), or the
+    run dir itself (:func:`mtlora.run.rundir.check_output_dir`), even with ``overwrite=true``."""
     out = Path(out)
+    try:
+        check_output_dir(out, own=run_dir, allow_root=False)
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
     if out.exists() and not out.is_dir():
         raise ExportError(f"out={out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -205,7 +212,7 @@ def export_peft(
     run_dir = check_run_dir(run_dir, allow_incomplete)
     cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     _check_method(run_dir, cfg.adapter.method, "peft")
-    out = _check_out(Path(out), overwrite)
+    out = _check_out(Path(out), overwrite, run_dir)
     model, tokenizer = load_run(
         run_dir, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
     )
@@ -298,7 +305,7 @@ def export_merged(
     cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     _check_method(run_dir, cfg.adapter.method, "merged")
     task = _resolve_task_id(run_dir, cfg, task_id)
-    out = _check_out(Path(out), overwrite)
+    out = _check_out(Path(out), overwrite, run_dir)
     model, tokenizer = load_run(
         run_dir, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
     )

@@ -17,6 +17,48 @@ RESOLVED_CONFIG = "config_resolved.yaml"
 MARKERS = ("RUNNING", "COMPLETED", "FAILED")
 
 
+#: files that make a directory a run dir (any one of them)
+RUN_DIR_FILES = (RESOLVED_CONFIG, *MARKERS, "meta.json")
+#: a run's own artifacts: no command writes its outputs into them
+OWN_SUBDIRS = ("adapter", "base_model", "checkpoints", ".hydra")
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((Path(path) / f).is_file() for f in RUN_DIR_FILES)
+
+
+def enclosing_run_dir(path: Path) -> Path | None:
+    """The run dir that holds ``path`` (``path`` itself or its nearest ancestor that is one), resolved."""
+    p = Path(path).resolve()
+    return next((d for d in (p, *p.parents) if is_run_dir(d)), None)
+
+
+def check_output_dir(out: Path, own: Path | None, key: str = "out", allow_root: bool = True) -> Path:
+    """Refuse an output dir that would overwrite a run's files: one inside a run dir other than ``own``
+    (the run being evaluated / exported / recorded), inside any run's own artifacts (:data:`OWN_SUBDIRS`:
+    ``adapter/``, ``checkpoints/`` ...), or, with ``allow_root=False``, the run dir itself. Returns ``out``."""
+    from mtlora.errors import ConfigError
+
+    run = enclosing_run_dir(out)
+    if run is None:
+        return out
+    own_run = None if own is None else Path(own).resolve()
+    if run != own_run:
+        raise ConfigError(
+            f"{key}={out} is inside the run dir {run} (another run than "
+            f"{own if own is not None else 'this command writes'}); writing there would replace that run's "
+            f"files: choose an {key} outside other runs"
+        )
+    rel = Path(out).resolve().relative_to(run).parts
+    if rel and rel[0] in OWN_SUBDIRS:
+        raise ConfigError(
+            f"{key}={out} is inside the run's own {rel[0]}/, which no output may replace: choose another {key}"
+        )
+    if not rel and not allow_root:
+        raise ConfigError(f"{key}={out} is the run dir itself: choose a subdir (the default) or another dir")
+    return out
+
+
 class RunDirBusy(RuntimeError):
     """The run dir is used by another (or an unfinished) run and ``resume`` was not asked for."""
 

@@ -12,9 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlora.diagnose import diagnose
+from mtlora.errors import ConfigError
 from mtlora.evaluate import evaluate, split_argv
+from mtlora.export import ExportError, export_run, parse_args
 from mtlora.export import main as export_main
-from mtlora.export import parse_args
 from mtlora.load import RunLoadError, load_run
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.training.loop import run_training
@@ -93,3 +94,33 @@ def test_remote_code_flag_is_parsed_strictly_on_every_command_line() -> None:
     assert opts["trust_remote_code"] is True
     _, opts = split_argv(["evaluate", "run_dir=R"])
     assert not opts.get("trust_remote_code")
+
+
+# --- outputs never replace another run's files ----------------------------------------------------------
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_evaluate_refuses_to_write_into_another_run(trained, tmp_path: Path) -> None:
+    a, b = _copy(trained, tmp_path, "a"), _copy(trained, tmp_path, "b")
+    before = _snapshot(b)
+    cfg = compose_train(["eval.suites=[heldin]", "eval.max_examples_per_task=2"])
+    for out in (b, b / "metrics", a / "adapter"):
+        with pytest.raises(ConfigError, match=f"out={out} is inside the"):
+            evaluate(cfg, {"run_dir": str(a), "out": str(out)})
+    assert _snapshot(b) == before
+    evaluate(cfg, {"run_dir": str(a), "out": str(a)})  # its own run dir (the default) is where it writes
+    assert (a / "metrics" / "eval_heldin.json").is_file()
+
+
+def test_export_never_writes_into_a_run_adapter_or_another_run(trained, tmp_path: Path) -> None:
+    a, b = _copy(trained, tmp_path, "a"), _copy(trained, tmp_path, "b")
+    before_a, before_b = _snapshot(a), _snapshot(b)
+    for fmt in ("peft", "merged"):
+        for out in (a / "adapter", b / "adapter", b, b / "exported", a):
+            with pytest.raises(ExportError, match=f"out={out} is "):
+                export_run(a, fmt, out=out, overwrite=True)
+    assert _snapshot(a) == before_a and _snapshot(b) == before_b
+    assert (export_run(a, "peft", overwrite=True) / "adapter_model.safetensors").is_file()  # a/export/peft
