@@ -35,9 +35,18 @@ from mtlora.errors import ConfigError
 from mtlora.launch import spawn_workers
 from mtlora.models.loading import meta_model
 from mtlora.run.meta import config_hash, record_resume, write_meta
-from mtlora.run.rundir import MARKERS, RESOLVED_CONFIG, RunDirBusy, claim, finish, save_resolved_config
+from mtlora.run.rundir import (
+    MARKERS,
+    RESOLVED_CONFIG,
+    RunDirBusy,
+    claim,
+    claim_id,
+    finish,
+    is_run_dir,
+    save_resolved_config,
+)
 from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker
-from mtlora.utils.resolvers import register_resolvers
+from mtlora.utils.resolvers import STAGED_SUFFIX, register_resolvers
 
 register_resolvers()
 log = logging.getLogger("mtlora.train")
@@ -99,6 +108,7 @@ def _job_failed(run_dir: Path, e: Exception) -> float:
     # a job that failed before claiming its run dir leaves a run found there (e.g. COMPLETED) alone
     if not isinstance(e, RunDirBusy) and not any((run_dir / m).exists() for m in MARKERS):
         run_dir.mkdir(parents=True, exist_ok=True)
+        settle_hydra_output(run_dir)  # a fresh job dir: keep its .hydra/ (failed_jobs.txt reads it)
         finish(run_dir, ok=False, message=repr(e))
     log.exception("job failed (the sweep goes on): %s", run_dir)
     direction = str(HydraConfig.get().sweeper.get("direction", "")).lower()
@@ -165,10 +175,37 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> bool:
     return False
 
 
+def settle_hydra_output(run_dir: Path) -> None:
+    """Move this launch's staged Hydra output (``.hydra.pending-<pid>/``, conf/hydra/default.yaml) to
+    ``.hydra/`` when the launch owns ``run_dir`` (it claimed it, or the dir holds no run), else remove it:
+    a launch that is refused never replaces the ``.hydra/`` record of the run it found there."""
+    if not HydraConfig.initialized():
+        return
+    sub = HydraConfig.get().output_subdir
+    if not sub or STAGED_SUFFIX not in str(sub):
+        return
+    staged = run_dir / str(sub)
+    if not staged.is_dir():
+        return
+    if claim_id(run_dir) is None and is_run_dir(run_dir):
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    final = run_dir / str(sub).split(STAGED_SUFFIX)[0]
+    if final.exists():  # the record of the launch this one resumes
+        old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+        final.rename(old)
+        staged.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staged.rename(final)
+
+
 def start_run(cfg: DictConfig, run_dir: Path) -> None:
-    """Claim the run dir (``RUNNING``), then write the resolved config and ``meta.json`` (with the resume
-    history when resuming). Called once per job, by the Hydra process or by rank 0."""
+    """Claim the run dir (claim lock, ``RUNNING``), move this launch's ``.hydra/`` in, then write the
+    resolved config and ``meta.json`` (with the resume history when resuming). Called once per job, by
+    the Hydra process or by rank 0."""
     claim(run_dir, cfg.get("resume"))
+    settle_hydra_output(run_dir)
     warn_if_config_changed(cfg, run_dir)
     if cfg.get("resume") is not None:
         record_resume(run_dir, cfg)
@@ -261,18 +298,21 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     exit_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if launched_as_worker():
-        return run_direct_worker(cfg, run_dir)
-    if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
-        with read_write(cfg), open_dict(cfg):
-            cfg.resume = "auto"
-    if not _multirun():
-        return run(cfg, run_dir)
     try:
-        return run(cfg, run_dir)
-    except Exception as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
-        return _job_failed(run_dir, e)
+        if launched_as_worker():
+            return run_direct_worker(cfg, run_dir)
+        if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
+            with read_write(cfg), open_dict(cfg):
+                cfg.resume = "auto"
+        if not _multirun():
+            return run(cfg, run_dir)
+        try:
+            return run(cfg, run_dir)
+        except Exception as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
+            return _job_failed(run_dir, e)
+    finally:
+        settle_hydra_output(run_dir)  # refused before the claim: drop the staged .hydra/
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from mtlora.run.base_model import MAX_SAVED_PARAMS, save_base_model
 from mtlora.run.meta import write_meta
 from mtlora.run.metrics import JsonlLog, markdown_table, write_csv
 from mtlora.run.plots import plot_loss
+from mtlora.run.rundir import WriterLock
 from mtlora.run.tracker import Tracker
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
@@ -120,7 +121,16 @@ def build_model_and_data(cfg: DictConfig):
 def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     """Train ``cfg`` into ``run_dir`` (markers and config are handled by the caller). Returns final eval."""
     datasets.disable_progress_bars()
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg)  # several processes: after the rendezvous, so the run dir is claimed
+    writer = WriterLock(run_dir) if acc.num_processes > 1 or launched_as_worker() else None
+    try:
+        return _run_training(cfg, run_dir, acc)
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+def _run_training(cfg: DictConfig, run_dir: Path, acc: Accelerator) -> dict:
     cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: no generation suites
     torch.manual_seed(int(cfg.seed))
     with model_build_context(acc, cfg.model):  # ZeRO-3: a random-init model is built whole
