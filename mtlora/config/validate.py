@@ -7,7 +7,8 @@ later, on the meta device (:func:`mtlora.adapters.check_targets`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,38 @@ class _Checker:
 
     def choice(self, key: str, values) -> None:
         self.rule(key, _one_of(values), f"one of {list(values)}")
+
+
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a config node (list items as ``key[i]``); interpolations are
+    resolved, and a leaf that cannot be resolved (e.g. ``${hydra:...}`` outside Hydra) is skipped."""
+    if isinstance(node, DictConfig):
+        for k in list(node):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            try:
+                v = node[k]
+            except Exception:  # an interpolation that cannot resolve here
+                continue
+            yield from leaves(v, key)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            try:
+                v = node[i]
+            except Exception:
+                continue
+            yield from leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def non_finite_numbers(cfg: DictConfig) -> list[str]:
+    """One error per float leaf of ``cfg`` that is NaN or infinite (no key of the project accepts one: a
+    NaN dropout is no dropout, a NaN weight an epoch of -2^65 examples)."""
+    return [
+        f"{key}={value!r}: must be a finite number"
+        for key, value in leaves(cfg)
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
 
 
 def _check_bbh(c: _Checker) -> None:
@@ -219,6 +252,7 @@ def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every invalid value of ``cfg`` (a composed train config)."""
     c = _Checker(cfg)
+    c.errors += non_finite_numbers(cfg)
     # model
     c.choice("model.init", ("pretrained", "random"))
     c.choice("model.dtype", tuple(DTYPES))
@@ -385,6 +419,11 @@ def validate_config(cfg: DictConfig) -> None:
                 f"data.sampling.weights: needs one weight per task {used}; missing {missing}, "
                 f"unknown {unknown}"
             )
+        for t in weights:
+            c.num(f"data.sampling.weights.{t}", 0)
+        valid = not missing and not unknown and all(_num(0)(weights[t]) for t in used)
+        if valid and not sum(weights[t] for t in used) > 0:
+            c.errors.append("data.sampling.weights: must have a positive sum")
     c.num("data.sampling.temperature", 0, lo_open=True)
     c.int_("data.budget", 1, optional=True)
     c.choice("data.on_bad_row", ("error", "skip"))
