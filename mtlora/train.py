@@ -31,6 +31,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from mtlora.adapters.inject import check_targets
 from mtlora.config import validate_config
+from mtlora.config.reference import hydra_reference
 from mtlora.errors import ConfigError
 from mtlora.launch import spawn_workers
 from mtlora.models.loading import meta_model
@@ -59,7 +60,7 @@ def preflight(cfg: DictConfig) -> None:
             "adapter.method=none: the base model has nothing to train; evaluate it with "
             "`python -m mtlora.evaluate <the same overrides> out=DIR` (a run dir scripts/make_tables.py reads)"
         )
-    validate_config(cfg)
+    validate_config(cfg, reference=hydra_reference())  # + unknown keys, non-boolean booleans
     if cfg.model.get("arch") is not None:
         check_targets(meta_model(cfg.model), cfg.adapter)
     if "mmlu" in cfg.eval.get("suites", []) and cfg.eval.get("at_end", True):  # data before training

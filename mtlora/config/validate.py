@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mtlora.adapters.mtl_lora import LAMBDA_FORMATS
 from mtlora.adapters.multihead import COMBINES, DROPOUT_PLACES, INIT_SCALES, INITS, MultiHeadLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.config.reference import Reference, reference_errors
 from mtlora.data.build import rows_per_task, selected_tasks
 from mtlora.data.mixture import STRATEGIES
 from mtlora.data.packing import packing_conflicts
@@ -249,10 +250,15 @@ def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
         c.errors.append("train.loss.impl: must be 'full' under ZeRO-3 (chunked CE reads the head weight)")
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every invalid value of ``cfg`` (a composed train config)."""
+def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None:
+    """Raise :class:`ConfigError` listing every invalid value of ``cfg`` (a composed train config).
+
+    ``reference``: the same group choices composed without key overrides
+    (:func:`mtlora.config.reference.hydra_reference`); given, keys unknown to the chosen presets and
+    non-boolean values of boolean keys are errors too."""
     c = _Checker(cfg)
     c.errors += non_finite_numbers(cfg)
+    c.errors += reference_errors(cfg, reference)
     # model
     c.choice("model.init", ("pretrained", "random"))
     c.choice("model.dtype", tuple(DTYPES))

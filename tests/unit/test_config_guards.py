@@ -3,10 +3,14 @@ non-boolean booleans, unknown keys, target modules that match nothing, a missing
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mtlora.config import validate_config
+from mtlora.config.validate import leaves
 from mtlora.errors import ConfigError
+from mtlora.train import preflight
 from tests.helpers.compose import compose_train
 
 
@@ -42,3 +46,35 @@ def test_non_finite_or_negative_sampling_weights_are_refused() -> None:
     zero = [*base, "+data.sampling.weights={" + ",".join(f"{k}:0" for k in tasks) + "}"]
     with pytest.raises(ConfigError, match="data.sampling.weights: must have a positive sum"):
         validate_config(compose_train(zero))
+
+
+def _bool_keys(cfg) -> list[str]:
+    return [k for k, v in leaves(cfg) if isinstance(v, bool) and "[" not in k]
+
+
+def test_every_boolean_key_refuses_a_value_that_is_not_a_boolean() -> None:
+    keys = _bool_keys(compose_train([]))
+    assert {"adapter.use_rslora", "train.save_adapter", "train.gradient_checkpointing"} <= set(keys)
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}='flase': must be true or false"):
+            preflight(compose_train([f"{key}=flase"]))
+    preflight(compose_train(["adapter.use_rslora=false", "train.save_adapter=true"]))
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["+train.lr=1e-9", "+adapter.rnak=4", "+alignment.wieght=0.5", "+eval.max_exmaples=3", "+lr=1e-9"],
+)
+def test_keys_no_chosen_preset_defines_are_refused(override: str) -> None:
+    key = override[1:].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: unknown (top-level )?key"):
+        preflight(compose_train([override]))
+
+
+def test_known_keys_come_from_the_chosen_presets() -> None:
+    """Keys that only some presets define pass where they are defined; optimizer keyword arguments and keys
+    added on purpose with ++ pass too."""
+    preflight(compose_train(["adapter=mtlora", "adapter.blc_alpha=0.1", "alignment=kl"]))
+    preflight(compose_train(["+train.optimizer.amsgrad=true", "++eval.bbh.limit=1"]))
+    with pytest.raises(ConfigError, match=r"adapter.blc_alpha: unknown key"):
+        preflight(compose_train(["adapter=lora", "+adapter.blc_alpha=0.1"]))
