@@ -78,3 +78,9 @@ def test_known_keys_come_from_the_chosen_presets() -> None:
     preflight(compose_train(["+train.optimizer.amsgrad=true", "++eval.bbh.limit=1"]))
     with pytest.raises(ConfigError, match=r"adapter.blc_alpha: unknown key"):
         preflight(compose_train(["adapter=lora", "+adapter.blc_alpha=0.1"]))
+
+
+def test_a_target_module_entry_that_matches_nothing_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"adapter.target_modules: \['v_prj'\] match no linear module"):
+        preflight(compose_train(["adapter.target_modules=[q_proj,v_prj]"]))
+    preflight(compose_train(["adapter.target_modules=[q_proj,v_proj]"]))
