@@ -114,7 +114,9 @@ def diagnose(
     from mtlora.diagnostics import DiagnosticsRunner
     from mtlora.load import guard_remote_code, load_run
     from mtlora.run.rundir import load_resolved_config
+    from mtlora.utils.dist import require_device
 
+    require_device(device, key="device")
     run_dir = Path(run_dir)
     model, tokenizer = load_run(
         run_dir, device=device, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code

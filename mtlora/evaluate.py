@@ -121,6 +121,10 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
         raise ConfigError(
             f"eval.suites={suites}: must be a non-empty list drawn from {list(SUITES)} (e.g. eval=bbh)"
         )
+    if opts.get("device"):
+        from mtlora.utils.dist import require_device
+
+        require_device(opts["device"], key="device")
     device = torch.device(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = opts.get("run_dir")
     if run_dir:

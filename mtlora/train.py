@@ -46,7 +46,7 @@ from mtlora.run.rundir import (
     is_run_dir,
     save_resolved_config,
 )
-from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker
+from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker, require_device
 from mtlora.utils.resolvers import STAGED_SUFFIX, register_resolvers
 
 register_resolvers()
@@ -71,6 +71,12 @@ def preflight(cfg: DictConfig) -> None:
         from mtlora.lorahub import preflight_lorahub
 
         preflight_lorahub(cfg)
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What this machine must have for ``cfg`` (the preset itself is checked by :func:`preflight`): the
+    requested device, never a silent fallback to the CPU."""
+    require_device(cfg.hardware.device, processes=int(cfg.hardware.get("num_processes") or 1))
 
 
 DEFAULT_METRIC = "heldin/exact_match"
@@ -222,6 +228,7 @@ def run_secondary_machine(
     shared run dir and writes its config and markers; this one waits for ``config_resolved.yaml`` and starts
     its own workers, which join machine 0's process group."""
     preflight(cfg)
+    check_machine(cfg)
     deadline = time.monotonic() + timeout_s
     while not (run_dir / RESOLVED_CONFIG).exists():
         if time.monotonic() > deadline:
@@ -241,6 +248,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         run_secondary_machine(cfg, run_dir)
         return None
     preflight(cfg)
+    check_machine(cfg)
     if check_resume(cfg, run_dir):
         log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
         print(f"{run_dir} is already COMPLETED with this config; nothing to resume", flush=True)
@@ -275,6 +283,7 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
             "use one run dir (or run `python -m mtlora.train hardware=...` and let it launch the workers)"
         )
     preflight(cfg)
+    check_machine(cfg)
     rank0 = env_rank() == 0
     from mtlora.training.loop import run_training
 

@@ -57,7 +57,7 @@ from mtlora.training.deepspeed import (
 from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
-from mtlora.utils.dist import launched_as_worker
+from mtlora.utils.dist import launched_as_worker, require_device
 from mtlora.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def total_steps(cfg: DictConfig, stream: BatchStream) -> int:
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
+    require_device(cfg.hardware.device)  # never train on the CPU when a GPU was asked for
     if cfg.hardware.get("num_threads"):
         torch.set_num_threads(int(cfg.hardware.num_threads))
     if not launched_as_worker():

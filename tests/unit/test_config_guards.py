@@ -6,11 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from mtlora.config import validate_config
 from mtlora.config.validate import leaves
 from mtlora.errors import ConfigError
-from mtlora.train import preflight
+from mtlora.evaluate import evaluate
+from mtlora.train import preflight, run
+from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 
 
@@ -84,3 +87,15 @@ def test_a_target_module_entry_that_matches_nothing_is_refused_by_name() -> None
     with pytest.raises(ConfigError, match=r"adapter.target_modules: \['v_prj'\] match no linear module"):
         preflight(compose_train(["adapter.target_modules=[q_proj,v_prj]"]))
     preflight(compose_train(["adapter.target_modules=[q_proj,v_proj]"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_a_missing_cuda_device_is_an_error_not_a_cpu_run(tmp_path) -> None:
+    cfg = compose_train(["hardware.device=cuda", "debug=smoke", "train.max_steps=1", "eval=none"], tmp_path)
+    with pytest.raises(ConfigError, match="hardware.device=cuda: no CUDA device is available"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run dir is claimed
+    with pytest.raises(ConfigError, match="hardware.device=cuda: no CUDA device"):
+        run_training(cfg, tmp_path)  # also when the run starts without the command line's checks
+    with pytest.raises(ConfigError, match="device=cuda: no CUDA device"):
+        evaluate(compose_train(["eval.suites=[heldin]"]), {"run_dir": str(tmp_path), "device": "cuda"})
