@@ -401,6 +401,16 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
                 "alignment.pool=none: window=step or gather=true pools rows across micro-batches or processes "
                 "(padded to different lengths); set alignment.pool=mean or masked_mean"
             )
+        try:
+            n_align = len(selected_tasks(cfg.data))
+        except ConfigError:
+            n_align = None  # reported by the data rules below
+        if n_align is not None and n_align < 2:
+            c.errors.append(
+                f"alignment={cfg.alignment.get('name')}: aligns the representations of different tasks, but the "
+                f"data has {n_align} task (data.select); its term would be 0: use alignment=none or two or "
+                "more tasks"
+            )
         c.rule(
             "alignment.layers",
             lambda v: v in ("all", "attn", "mlp") or (isinstance(v, ListConfig) and len(v) > 0),

@@ -99,3 +99,11 @@ def test_a_missing_cuda_device_is_an_error_not_a_cpu_run(tmp_path) -> None:
         run_training(cfg, tmp_path)  # also when the run starts without the command line's checks
     with pytest.raises(ConfigError, match="device=cuda: no CUDA device"):
         evaluate(compose_train(["eval.suites=[heldin]"]), {"run_dir": str(tmp_path), "device": "cuda"})
+
+
+@pytest.mark.parametrize("alignment", ["kl", "mmd"])
+def test_an_alignment_loss_with_one_task_is_refused(alignment: str) -> None:
+    over = [f"alignment={alignment}", "data.select=[arithmetic]", "train.micro_batch_size=2"]
+    with pytest.raises(ConfigError, match=rf"alignment={alignment}: .* has 1 task .*term would be 0"):
+        validate_config(compose_train(over))
+    validate_config(compose_train([f"alignment={alignment}", "data.select=[arithmetic,counting]"]))
