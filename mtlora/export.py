@@ -158,6 +158,18 @@ def _check_out(out: Path, overwrite: bool, run_dir: Path) -> Path:
     return out
 
 
+def _check_finite(run_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write NaN or infinite weights (a diverged or damaged run), naming the tensors."""
+    bad = {n: int((~torch.isfinite(t.detach())).sum()) for n, t in tensors.items() if t.is_floating_point()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        shown = ", ".join(f"{n} ({k})" for n, k in list(bad.items())[:5])
+        raise ExportError(
+            f"run dir {run_dir}: {sum(bad.values())} non-finite weight(s) in {len(bad)} tensor(s): {shown}; "
+            "nothing was written (the run diverged or its files are damaged)"
+        )
+
+
 def _strip_adapters(model: nn.Module) -> nn.Module:
     """Put each adapter layer's ``base_layer`` (a plain ``nn.Linear``) back in its place, in place."""
     for name, layer in adapter_layers(model).items():
@@ -233,6 +245,7 @@ def export_peft(
     for name, layer in layers.items():
         for key, t in _peft_tensors(layer).items():
             weights[f"{PEFT_PREFIX}{name}.{key}"] = t.detach().float().cpu().contiguous()
+    _check_finite(run_dir, weights)  # before anything is written
     dora = kinds == {DoraLinear}
     if kinds == {MLoraLinear}:  # one converted LoRA: scaling folded into B' (module doc)
         ranks = {int(w.shape[0]) for k, w in weights.items() if k.endswith("lora_A.weight")}
@@ -320,6 +333,7 @@ def export_merged(
     except (TypeError, ValueError) as e:
         raise ExportError(f"run dir {run_dir}: {e}") from e
     merged = _strip_adapters(model)
+    _check_finite(run_dir, dict(merged.named_parameters()))
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

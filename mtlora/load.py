@@ -18,7 +18,8 @@ What it reads from the run dir (all written by ``python -m mtlora.train``):
   (models above :data:`mtlora.run.base_model.MAX_SAVED_PARAMS`) the base is rebuilt from ``config.json``
   and ``model.init_seed``, as training built it. ``model.init=pretrained`` loads ``model.hub_id`` (at
   ``model.revision``) again;
-* ``adapter/adapter_model.safetensors``: the adapter weights.
+* ``adapter/adapter_model.safetensors``: the adapter weights, checked against the SHA-256 recorded in
+  ``adapter/checksums.json`` when they were saved (a damaged file is an error naming it).
 
 Nothing in a run dir can make loading it run code: a config that sets ``trust_remote_code`` (a model
 whose files ship Python code, ``auto_map``) is refused unless the caller passes ``trust_remote_code=True``
@@ -47,7 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from mtlora.adapters import inject_adapters, load_adapter
 from mtlora.adapters.state import ADAPTER_WEIGHTS
-from mtlora.errors import ConfigError
+from mtlora.errors import ConfigError, IntegrityError
 from mtlora.models.loading import build_model, torch_dtype
 from mtlora.run.base_model import base_parameters, fingerprint
 from mtlora.run.rundir import RESOLVED_CONFIG, load_resolved_config
@@ -143,7 +144,10 @@ def check_run_dir(run_dir: str | Path, allow_incomplete: bool = False) -> Path:
 
 def _load_base_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``path`` into ``model`` strictly; a tied parameter may be present under one of its names."""
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' own error names no file
+        raise RunLoadError(f"{path} is damaged (cannot be read: {e})") from e
     result = model.load_state_dict(state, strict=False)
     names_by_param: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -222,8 +226,8 @@ def load_run(
                 "the base weight file was changed, or the hub model changed (pin model.revision)"
             )
     try:
-        load_adapter(model, run_dir / "adapter")
-    except ConfigError as e:
+        load_adapter(model, run_dir / "adapter")  # checks the SHA-256 recorded when it was saved
+    except (ConfigError, IntegrityError) as e:
         raise RunLoadError(f"run dir {run_dir}: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(

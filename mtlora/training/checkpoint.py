@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -43,6 +44,10 @@ from mtlora.adapters.state import (
     check_adapter_fits,
     load_adapter_state_dict,
 )
+from mtlora.errors import IntegrityError
+from mtlora.run.checksums import verify, write_manifest
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 #: the ``tag`` (sub-directory) of DeepSpeed's checkpoint inside ``step_N/`` (ZeRO runs)
@@ -137,6 +142,7 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
     barrier()
     if is_main:
+        write_manifest(tmp)  # SHA-256 of every file of every rank, checked on resume
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         tmp.rename(ckpt_dir)
     barrier()
@@ -251,16 +257,34 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = newest in ``run_dir`` (None if there is none); a path =
-    that checkpoint dir, or the newest checkpoint of that run dir."""
+    """The checkpoint to resume from: ``auto`` = newest intact one in ``run_dir`` (None if there is none); a
+    path = that checkpoint dir (which must be intact), or the newest intact checkpoint of that run dir.
+
+    Intact: every file matches the SHA-256 recorded when it was saved (:func:`mtlora.run.checksums.verify`)
+    and parses. A damaged checkpoint is skipped with a warning that names the file and the checkpoint used
+    instead; when every checkpoint is damaged, :class:`~mtlora.errors.IntegrityError` names them."""
     if resume is None:
         return None
     target = Path(run_dir) if resume == "auto" else Path(resume)
     if (target / TRAINER_STATE).exists():
+        verify(target)  # an explicit checkpoint: no other to fall back to
         return target
     ckpts = list_checkpoints(target)
-    if ckpts:
-        return ckpts[-1]
+    damaged: list[str] = []
+    for ckpt in reversed(ckpts):
+        try:
+            verify(ckpt)
+        except IntegrityError as e:
+            damaged.append(str(e))
+            log.warning("checkpoint %s is damaged, skipping it: %s", ckpt, e)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint", ckpt)
+        return ckpt
+    if damaged:
+        raise IntegrityError(
+            f"resume={resume!r}: every checkpoint of {target} is damaged: " + "; ".join(damaged)
+        )
     if resume == "auto":
         return None
     raise FileNotFoundError(f"resume={resume!r}: no checkpoint found there (looked for checkpoints/step_*/)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from mtlora.diagnose import diagnose
 from mtlora.errors import ConfigError
@@ -124,3 +125,63 @@ def test_export_never_writes_into_a_run_adapter_or_another_run(trained, tmp_path
                 export_run(a, fmt, out=out, overwrite=True)
     assert _snapshot(a) == before_a and _snapshot(b) == before_b
     assert (export_run(a, "peft", overwrite=True) / "adapter_model.safetensors").is_file()  # a/export/peft
+
+
+# --- damaged files ---------------------------------------------------------------------------------------
+
+
+def _flip_last_bytes(path: Path, n: int = 64) -> None:
+    """Change tensor bytes at the end of a safetensors file: the header still parses."""
+    data = bytearray(path.read_bytes())
+    data[-n:] = bytes(b ^ 0x5A for b in data[-n:])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_adapter_bytes_are_refused_by_every_command(trained, tmp_path: Path, capsys) -> None:
+    d = _copy(trained, tmp_path)
+    weights = d / "adapter" / "adapter_model.safetensors"
+    _flip_last_bytes(weights)
+    damaged = rf"{weights} is damaged: its SHA-256 .* differs"
+    with pytest.raises(RunLoadError, match=damaged):
+        load_run(d)
+    for fmt in ("peft", "merged"):
+        assert export_main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 1
+        assert f"{weights} is damaged" in capsys.readouterr().err
+        assert not (tmp_path / fmt).exists()
+    with pytest.raises(RunLoadError, match=damaged):
+        evaluate(compose_train(["eval.suites=[heldin]"]), {"run_dir": str(d)})
+    with pytest.raises(RunLoadError, match=damaged):
+        diagnose(d, compose_train(["diagnostics=default"]).diagnostics)
+
+
+def test_truncated_adapter_and_base_weights_name_the_file(trained, tmp_path: Path) -> None:
+    d = _copy(trained, tmp_path)
+    weights = d / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RunLoadError, match=rf"{weights} is damaged"):
+        load_run(d)
+    (d / "adapter" / "checksums.json").unlink()  # a run saved before checksums: still named, by parsing
+    with pytest.raises(RunLoadError, match=rf"{weights} is damaged \(cannot be parsed"):
+        load_run(d)
+    d2 = _copy(trained, tmp_path, "copy2")
+    base = d2 / "base_model" / "model.safetensors"
+    base.write_bytes(base.read_bytes()[:100])
+    with pytest.raises(RunLoadError, match=rf"{base} is damaged"):
+        load_run(d2)
+
+
+def test_export_refuses_non_finite_weights(trained, tmp_path: Path) -> None:
+    """A diverged run (its files intact, their checksums recorded): nothing is written."""
+    from mtlora.run.checksums import write_manifest
+
+    d = _copy(trained, tmp_path)
+    path = d / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k in weights if "lora_B" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(path))
+    write_manifest(d / "adapter")
+    for fmt in ("peft", "merged"):
+        with pytest.raises(ExportError, match=r"non-finite weight"):
+            export_run(d, fmt, out=tmp_path / fmt)
+        assert not (tmp_path / fmt).exists()
