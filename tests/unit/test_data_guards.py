@@ -3,15 +3,18 @@ longer than ``model.max_seq_len``, bad bytes and lines in task files, empty file
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
 from mtlora.data import build_data
 from mtlora.data.tasks import load_task
-from mtlora.errors import ConfigError
+from mtlora.errors import ConfigError, DataError
 from mtlora.models import build_tokenizer
-from tests.helpers.compose import compose_train
+from tests.helpers.compose import DATA_DIR, compose_train
+
+TEMPLATES = DATA_DIR / "flan" / "flan_v2_templates.json"
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +63,59 @@ def test_truncation_report_counts_against_an_independent_count(tok) -> None:
     ds = tokenize_examples(datasets.Dataset.from_list(rows), tok, 16)
     assert ds["prompt_cut"] == [0, 7, 27, 0] and ds["target_cut"][:3] == [0, 0, 0] and ds["target_cut"][3] > 0
     assert truncation_report(ds) == {"rows": 4, "cut": 3, "prompt_lost": 1, "target_cut": 1}
+
+
+def _dolly(path, *extra):
+    return compose_train(
+        ["data=dolly", "data.source.type=json", f"+data.source.data_files={path}", *extra]
+    ).data
+
+
+def _rows(n: int) -> list[bytes]:
+    return [
+        json.dumps(
+            {"instruction": f"q{i}", "context": "", "response": f"a{i}", "category": "open_qa"}
+        ).encode()
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            b'{"instruction": "caf\xe9", "response": "x", "category": "open_qa"}',
+            r"line 3 \(column 21\) is not valid UTF-8",
+        ),
+        (b'{"instruction": "q", "response": "x", "category": "open_qa"', r"line 3 is not a JSON object"),
+        (b"[1, 2]", r"line 3 is not a JSON object \(a JSON list"),
+    ],
+)
+def test_a_bad_jsonl_line_names_file_and_line_or_is_skipped(tmp_path, bad: bytes, message: str) -> None:
+    rows = _rows(20)
+    f = tmp_path / "dolly.jsonl"
+    f.write_bytes(b"\n".join([*rows[:2], bad, *rows[2:]]) + b"\n")
+    with pytest.raises(DataError, match=rf"{f}: {message}"):
+        load_task("open_qa", _dolly(f).tasks.open_qa, seed=0)
+    splits = load_task("open_qa", _dolly(f, "data.on_bad_row=skip").tasks.open_qa, seed=0, on_bad_row="skip")
+    assert splits.skipped_rows == 1 and len(splits.train) + len(splits.eval) == 20
+
+
+@pytest.mark.parametrize(("kind", "name"), [("json", "empty.jsonl"), ("csv", "empty.csv")])
+def test_an_empty_task_file_says_so(tmp_path, kind: str, name: str) -> None:
+    f = tmp_path / name
+    f.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"{f}: the file holds no rows \(empty\)"):
+        load_task("open_qa", _dolly(f, f"data.source.type={kind}").tasks.open_qa, seed=0)
+
+
+def test_a_truncated_flan_template_file_names_file_and_line(tmp_path) -> None:
+    good = TEMPLATES.read_bytes()
+    f = tmp_path / "templates.json"
+    f.write_bytes(good[: len(good) // 2])
+    cfg = compose_train(["data=flan_cot"]).data
+    name = next(iter(cfg.tasks))
+    task = cfg.tasks[name]
+    task.template.file = str(f)
+    with pytest.raises(DataError, match=rf"Flan template file {f}: not valid JSON at line \d+, column \d+"):
+        load_task(name, task, seed=0)
