@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
+from mtlora.run.metrics import read_jsonl
 from mtlora.run.tracker import WANDB_ID_FILE, Tracker, tracker_accelerator, tracker_name
 from mtlora.utils.logging import console_logging
 from mtlora.utils.paths import CONFIG_PATH
@@ -52,16 +53,16 @@ register_resolvers()
 log = logging.getLogger("mtlora.diagnose")
 
 #: command-line keys that are not part of the train config (passed with a ``+``)
-EXTRA_KEYS = ("run_dir", "device", "allow_incomplete")
+EXTRA_KEYS = ("run_dir", "device", "allow_incomplete", "trust_remote_code")
 
 
 def final_step(run_dir: Path) -> int:
     """The run's last optimizer step: the last ``metrics/train.jsonl`` record, else ``meta.json``, else 0."""
     train = run_dir / "metrics" / "train.jsonl"
     if train.exists():
-        lines = [ln for ln in train.read_text().splitlines() if ln.strip()]
-        if lines:
-            return int(json.loads(lines[-1])["step"])
+        records = read_jsonl(train)
+        if records:
+            return int(records[-1]["step"])
     meta = run_dir / "meta.json"
     if meta.exists():
         return int(json.loads(meta.read_text()).get("total_steps") or 0)
@@ -108,21 +109,27 @@ def diagnose(
     device: str = "cpu",
     allow_incomplete: bool = False,
     logger: DictConfig | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict]:
     """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
 
-    ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``)."""
+    ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``);
+    ``trust_remote_code``: see :func:`mtlora.load.guard_remote_code` (off unless given)."""
     import datasets
 
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
-    from mtlora.load import load_run
+    from mtlora.load import guard_remote_code, load_run
     from mtlora.run.rundir import load_resolved_config
+    from mtlora.utils.dist import require_device
 
     datasets.disable_progress_bars()
+    require_device(device, key="device")
     run_dir = Path(run_dir)
-    model, tokenizer = load_run(run_dir, device=device, allow_incomplete=allow_incomplete)
-    saved = load_resolved_config(run_dir)
+    model, tokenizer = load_run(
+        run_dir, device=device, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
+    )
+    saved = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     data = build_data(saved.data, tokenizer, int(saved.model.max_seq_len))
     runner = DiagnosticsRunner(
         diag_cfg,
@@ -161,8 +168,9 @@ def main(cfg: DictConfig) -> None:
             run_dir,
             cfg.diagnostics,
             str(cfg.get("device") or "cpu"),
-            bool(cfg.get("allow_incomplete")),
+            _flag(cfg, "allow_incomplete"),
             logger=cfg.logger if "logger" in given else None,  # else the run's own logger
+            trust_remote_code=_flag(cfg, "trust_remote_code"),
         )
     done = sorted({r["diagnostic"] for r in records})
     print(
@@ -171,6 +179,14 @@ def main(cfg: DictConfig) -> None:
         flush=True,
     )
     print(OmegaConf.to_yaml(OmegaConf.create({r["diagnostic"]: _scalars(r) for r in records})), flush=True)
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    """A command-line boolean: true/false only (a typo must not switch anything on or off)."""
+    v = cfg.get(key)
+    if v is None or isinstance(v, bool):
+        return bool(v)
+    raise SystemExit(f"error: {key}={v!r}: allowed values are true or false")
 
 
 def _scalars(rec: dict) -> dict:

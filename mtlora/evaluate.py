@@ -14,7 +14,8 @@ Suites: ``heldin`` (teacher-forced held-out rows of the run's training tasks, or
 base model; writes ``metrics/eval_heldin.json`` / ``.md``), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``mmlu``
 (:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
 Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
-``device=cpu|cuda``, ``adapter=none``. Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
+``device=cpu|cuda``, ``adapter=none``, ``trust_remote_code=true`` (needed to load a run whose config enables
+remote code: :func:`mtlora.load.guard_remote_code`). Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
 only the eval outputs are written. A base-model evaluation (``adapter=none``, or a config whose
 ``adapter.method`` is ``none``, as the ``conf/experiment/<paper>/<table>/base.yaml`` presets) also makes
 ``out`` a run dir: ``RUNNING`` then ``COMPLETED``/``FAILED``, ``config_resolved.yaml`` (``adapter: {name:
@@ -37,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.errors import ConfigError
+from mtlora.run.rundir import check_output_dir
+from mtlora.utils.io import atomic_write_text
 from mtlora.utils.logging import console_logging
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
@@ -54,18 +57,20 @@ NO_OUTPUT_OVERRIDES = {
     "hydra/help": "evaluate",  # conf/hydra/help/evaluate.yaml: this command's options
 }
 #: our own options, taken off the command line before Hydra sees it
-OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device")
+OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device", "trust_remote_code")
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _write_heldin(result: dict, out: Path) -> None:
     from mtlora.run.metrics import markdown_table
 
     (out / "metrics").mkdir(parents=True, exist_ok=True)
-    (out / "metrics" / "eval_heldin.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "metrics" / "eval_heldin.json", json.dumps(result, indent=2))
     table = [{"task": t, **m} for t, m in result["tasks"].items()]
     table += [{"task": "macro", **result["macro"]}, {"task": "micro", **result["micro"]}]
-    (out / "metrics" / "eval_heldin.md").write_text(
-        markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n"
+    atomic_write_text(
+        out / "metrics" / "eval_heldin.md",
+        markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n",
     )
 
 
@@ -75,6 +80,7 @@ def _start_base_run(cfg: DictConfig, out: Path) -> None:
     from mtlora.run.meta import write_meta
     from mtlora.run.rundir import RESOLVED_CONFIG, claim, save_resolved_config
 
+    check_output_dir(out, own=out)
     earlier = out / RESOLVED_CONFIG
     if earlier.is_file():  # never replace a trained run's record with a base-model evaluation
         method = OmegaConf.select(OmegaConf.load(earlier), "adapter.method")
@@ -127,24 +133,34 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
         raise ConfigError(
             f"eval.suites={suites}: must be a non-empty list drawn from {list(SUITES)} (e.g. eval=bbh)"
         )
+    if opts.get("device"):
+        from mtlora.utils.dist import require_device
+
+        require_device(opts["device"], key="device")
     device = torch.device(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = opts.get("run_dir")
     if run_dir:
-        from mtlora.load import load_run, run_task_names
+        from mtlora.load import guard_remote_code, load_run, run_task_names
         from mtlora.run.rundir import load_resolved_config
 
         run_dir = Path(run_dir)
+        check_output_dir(Path(opts.get("out") or run_dir), own=run_dir)  # before the model loads
+        trust = bool(opts.get("trust_remote_code"))
         model, tokenizer = load_run(
-            run_dir, device=device, allow_incomplete=bool(opts.get("allow_incomplete"))
+            run_dir,
+            device=device,
+            allow_incomplete=bool(opts.get("allow_incomplete")),
+            trust_remote_code=trust,
         )
-        run_cfg = load_resolved_config(run_dir)
-        task_names = run_task_names(run_dir)
         out = Path(opts.get("out") or run_dir)
+        run_cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust)
+        task_names = run_task_names(run_dir)
     elif opts.get("adapter_none"):
         if not opts.get("out"):
             raise ConfigError("adapter=none (base-model evaluation) needs out=DIR for the outputs")
         from mtlora.models import build_model, build_tokenizer
 
+        check_output_dir(Path(opts["out"]), own=Path(opts["out"]))  # a base-model run dir of its own
         model, tokenizer = build_model(cfg.model).to(device).eval(), build_tokenizer(cfg.model)
         run_cfg, task_names, out = cfg, None, Path(opts["out"])
     else:
@@ -210,8 +226,12 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
     rest = [argv[0]]
     for a in argv[1:]:
         key, sep, value = a.partition("=")
-        if sep and key in OWN_KEYS:
-            opts[key] = value if key != "allow_incomplete" else value.lower() in ("1", "true", "yes")
+        if sep and key in ("allow_incomplete", "trust_remote_code"):
+            if value.lower() not in _BOOL:
+                raise ConfigError(f"{key}={value!r}: allowed values are true or false")
+            opts[key] = _BOOL[value.lower()]
+        elif sep and key in OWN_KEYS:
+            opts[key] = value
         elif a == "adapter=none":
             opts["adapter_none"] = True
         else:
@@ -220,6 +240,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
 
 
 if __name__ == "__main__":
-    sys.argv, opts = split_argv(sys.argv)
+    try:
+        sys.argv, opts = split_argv(sys.argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     _OPTS.update(opts)
     main()

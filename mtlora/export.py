@@ -6,8 +6,10 @@ Usage::
     python -m mtlora.export run_dir=RUN format=merged out=DIR   # a full HF model with the adapter merged in
     python -m mtlora.export run_dir=RUN format=merged out=DIR task_id=arithmetic   # task-aware: one task
 
-Options: ``overwrite=true`` (write into a non-empty ``out``), ``allow_incomplete=true`` (export a run that
-is not ``COMPLETED``). ``out`` defaults to ``RUN/export/<format>``.
+Options: ``overwrite=true`` (write into a non-empty ``out``; never into a run's ``adapter/`` or into
+another run dir), ``allow_incomplete=true`` (export a run that
+is not ``COMPLETED``), ``trust_remote_code=true`` (load a run whose config enables remote code, see
+:func:`mtlora.load.guard_remote_code`). ``out`` defaults to ``RUN/export/<format>``.
 
 ``format=peft`` writes files only (peft need not be installed to export)::
 
@@ -71,8 +73,8 @@ from mtlora.adapters.lora import LoraLinear, lora_scaling
 from mtlora.adapters.multihead import MLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
-from mtlora.load import RunLoadError, check_run_dir, load_run, run_task_names
-from mtlora.run.rundir import load_resolved_config
+from mtlora.load import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
+from mtlora.run.rundir import check_output_dir, load_resolved_config
 from mtlora.utils.logging import console_logging
 
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main", "set_special_token_ids"]
@@ -149,14 +151,32 @@ def _resolve_task_id(run_dir: Path, cfg, task_id: int | str | None) -> tuple[int
     )
 
 
-def _check_out(out: Path, overwrite: bool) -> Path:
-    """Fail early when ``out`` cannot be written (created later, once the run has loaded)."""
+def _check_out(out: Path, overwrite: bool, run_dir: Path) -> Path:
+    """Fail early when ``out`` cannot be written (created later, once the run has loaded), or would replace
+    a run's files: inside another run dir, inside any run's ``adapter/`` (``checkpoints/``, ...), or the
+    run dir itself (:func:`mtlora.run.rundir.check_output_dir`), even with ``overwrite=true``."""
     out = Path(out)
+    try:
+        check_output_dir(out, own=run_dir, allow_root=False)
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
     if out.exists() and not out.is_dir():
         raise ExportError(f"out={out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"out={out} is not empty; pass overwrite=true to write into it")
     return out
+
+
+def _check_finite(run_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write NaN or infinite weights (a diverged or damaged run), naming the tensors."""
+    bad = {n: int((~torch.isfinite(t.detach())).sum()) for n, t in tensors.items() if t.is_floating_point()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        shown = ", ".join(f"{n} ({k})" for n, k in list(bad.items())[:5])
+        raise ExportError(
+            f"run dir {run_dir}: {sum(bad.values())} non-finite weight(s) in {len(bad)} tensor(s): {shown}; "
+            "nothing was written (the run diverged or its files are damaged)"
+        )
 
 
 def _strip_adapters(model: nn.Module) -> nn.Module:
@@ -223,14 +243,20 @@ def _peft_tensors(layer: AdapterLayer) -> dict[str, torch.Tensor]:
 
 
 def export_peft(
-    run_dir: str | Path, out: str | Path, overwrite: bool = False, allow_incomplete: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write the run's LoRA as a peft adapter dir (see the module doc); returns ``out``."""
     run_dir = check_run_dir(run_dir, allow_incomplete)
-    cfg = load_resolved_config(run_dir)
+    cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     _check_method(run_dir, cfg.adapter.method, "peft")
-    out = _check_out(Path(out), overwrite)
-    model, tokenizer = load_run(run_dir, allow_incomplete=allow_incomplete)
+    out = _check_out(Path(out), overwrite, run_dir)
+    model, tokenizer = load_run(
+        run_dir, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
+    )
     layers = adapter_layers(model)
     kinds = {type(m) for m in layers.values()}
     if len(kinds) != 1 or not kinds <= set(PEFT_CLASSES):
@@ -248,6 +274,7 @@ def export_peft(
     for name, layer in layers.items():
         for key, t in _peft_tensors(layer).items():
             weights[f"{PEFT_PREFIX}{name}.{key}"] = t.detach().float().cpu().contiguous()
+    _check_finite(run_dir, weights)  # before anything is written
     dora = kinds == {DoraLinear}
     if kinds == {MLoraLinear}:  # one converted LoRA: scaling folded into B' (module doc)
         ranks = {int(w.shape[0]) for k, w in weights.items() if k.endswith("lora_A.weight")}
@@ -312,16 +339,19 @@ def export_merged(
     overwrite: bool = False,
     allow_incomplete: bool = False,
     task_id: int | str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Merge the run's adapters into the base weights and save a plain HF model dir; returns ``out``.
 
     ``task_id`` (a training task name or id) is required for task-aware runs, refused for the others."""
     run_dir = check_run_dir(run_dir, allow_incomplete)
-    cfg = load_resolved_config(run_dir)
+    cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
     _check_method(run_dir, cfg.adapter.method, "merged")
     task = _resolve_task_id(run_dir, cfg, task_id)
-    out = _check_out(Path(out), overwrite)
-    model, tokenizer = load_run(run_dir, allow_incomplete=allow_incomplete)
+    out = _check_out(Path(out), overwrite, run_dir)
+    model, tokenizer = load_run(
+        run_dir, allow_incomplete=allow_incomplete, trust_remote_code=trust_remote_code
+    )
     tied = _tied_adapted_weights(model)
     if tied:
         raise ExportError(
@@ -333,6 +363,7 @@ def export_merged(
     except (TypeError, ValueError) as e:
         raise ExportError(f"run dir {run_dir}: {e}") from e
     merged = _strip_adapters(model)
+    _check_finite(run_dir, dict(merged.named_parameters()))
     set_special_token_ids(merged, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out))
@@ -348,6 +379,7 @@ def export_run(
     overwrite: bool = False,
     allow_incomplete: bool = False,
     task_id: int | str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export ``run_dir`` in ``format`` (``peft`` or ``merged``) into ``out`` (default ``RUN/export/<format>``);
     ``task_id`` (``merged`` of task-aware runs): the task to merge, by name or id."""
@@ -355,29 +387,37 @@ def export_run(
         raise ExportError(f"format={format!r}: allowed values are {list(FORMATS)}")
     out = Path(run_dir) / "export" / format if out is None else Path(out)
     if format == "merged":
-        return export_merged(run_dir, out, overwrite, allow_incomplete, task_id=task_id)
+        return export_merged(
+            run_dir, out, overwrite, allow_incomplete, task_id=task_id, trust_remote_code=trust_remote_code
+        )
     if task_id is not None:
         raise ExportError(f"task_id={task_id!r} applies only to format=merged (of task-aware runs)")
-    return export_peft(run_dir, out, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    return export_peft(
+        run_dir,
+        out,
+        overwrite=overwrite,
+        allow_incomplete=allow_incomplete,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 USAGE = (
     "usage: python -m mtlora.export run_dir=RUN format=peft|merged [out=DIR] [overwrite=true] "
-    "[allow_incomplete=true] [task_id=TASK (merged, task-aware runs)]"
+    "[allow_incomplete=true] [task_id=TASK (merged, task-aware runs)] [trust_remote_code=true]"
 )
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def parse_args(argv: Sequence[str]) -> dict:
     """``key=value`` arguments → keyword arguments of :func:`export_run` (raises ``ValueError``)."""
-    known = {"run_dir", "format", "out", "overwrite", "allow_incomplete", "task_id"}
+    known = {"run_dir", "format", "out", "overwrite", "allow_incomplete", "task_id", "trust_remote_code"}
     args: dict = {}
     for item in argv:
         key, sep, value = item.partition("=")
         key = key.lstrip("-").replace("-", "_")
         if not sep or key not in known:
             raise ValueError(f"unknown argument {item!r}; arguments are {sorted(known)} as key=value")
-        if key in ("overwrite", "allow_incomplete"):
+        if key in ("overwrite", "allow_incomplete", "trust_remote_code"):
             if value.lower() not in _BOOL:
                 raise ValueError(f"{key}={value!r}: allowed values are true/false")
             args[key] = _BOOL[value.lower()]

@@ -3,12 +3,19 @@
 The workers read ``<run_dir>/config_resolved.yaml`` and never run Hydra themselves, so every rank sees
 the same config and the same run dir. The rendezvous port is picked free on each launch, so concurrent
 jobs (e.g. a multirun) do not collide.
+
+``accelerate launch`` and its workers run in a process group of their own. When this process is stopped
+(SIGTERM, Ctrl-C, any error while waiting), the whole group gets SIGTERM, then SIGKILL after
+:data:`STOP_GRACE_S` seconds, and this process returns only once every worker is gone: the caller marks the
+run ``FAILED`` after the last write into it, never before. Each worker also holds a writer lock on the run
+dir (:class:`mtlora.run.rundir.WriterLock`), checked against this launch's claim (``MTLORA_RUN_CLAIM``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -16,11 +23,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mtlora.run.rundir import CLAIM_ENV, claim_id
 from mtlora.training.deepspeed import write_deepspeed_config
 from mtlora.utils.dist import free_port
 
 log = logging.getLogger(__name__)
 
+#: seconds the workers get to exit after SIGTERM before the group is killed
+STOP_GRACE_S = 30.0
 #: the workers' environment for DeepSpeed on the CPU (hardware=cpu2_zero*)
 CPU_DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -83,7 +93,64 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
         " ".join(cmd) + "\n"
     )
     log.info("launching %d workers: %s", cfg.hardware.num_processes, " ".join(cmd))
-    return subprocess.run(cmd, env=worker_env(cfg, os.environ)).returncode
+    env = worker_env(cfg, os.environ)
+    claim = claim_id(run_dir)
+    if claim:
+        env[CLAIM_ENV] = claim
+    return run_process_group(cmd, env)
+
+
+def run_process_group(cmd: list[str], env: Mapping[str, str], grace_s: float = STOP_GRACE_S) -> int:
+    """Run ``cmd`` in a new process group and wait for it; returns its exit code. If the wait is
+    interrupted (SIGTERM turned into SystemExit, KeyboardInterrupt, ...), stop the whole group (SIGTERM,
+    SIGKILL after ``grace_s``), wait until it is gone, and re-raise."""
+    proc = subprocess.Popen(cmd, env=dict(env), start_new_session=True)
+    try:
+        return proc.wait()
+    except BaseException:
+        stop_process_group(proc, grace_s)
+        raise
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL after ``grace_s``; returns when the group is empty."""
+    pgid = proc.pid  # start_new_session: the group id is the leader's pid
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+    try:
+        _stop(proc, pgid, grace_s)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(proc: subprocess.Popen, pgid: int, grace_s: float) -> None:
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        log.warning("sent %s to the workers' process group %d", sig.name, pgid)
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(pgid, grace_s if sig == signal.SIGTERM else 10.0):
+            break
+
+
+def _group_alive(pgid: int, timeout_s: float) -> bool:
+    """Whether processes of group ``pgid`` remain after waiting up to ``timeout_s`` for them to exit
+    (the leader has exited; workers may still be finishing their ``finally`` blocks)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
 
 
 def worker_env(cfg: DictConfig, environ: Mapping[str, str]) -> dict[str, str]:

@@ -51,6 +51,7 @@ from mtlora.adapters.lora import LoraLinear
 from mtlora.adapters.state import ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError
 from mtlora.run.rundir import load_resolved_config
+from mtlora.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +496,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         metrics = run_dir / "metrics"
         metrics.mkdir(parents=True, exist_ok=True)
-        (metrics / "lorahub.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(metrics / "lorahub.json", json.dumps(result, indent=2))
         if cfg.eval.at_end and "heldin" in cfg.eval.suites:
             final = evaluate_heldin(
                 model, data, int(cfg.eval.batch_size), cfg.eval.get("max_examples_per_task"), device
@@ -506,8 +507,8 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
             write_csv(metrics / "per_task.csv", [{"step": 0, **r} for r in table])
             table += [{"task": "macro", **final["macro"]}, {"task": "micro", **final["micro"]}]
             md = markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"])
-            (metrics / "eval_heldin.json").write_text(json.dumps(final, indent=2))
-            (metrics / "eval_heldin.md").write_text(md + "\n")
+            atomic_write_text(metrics / "eval_heldin.json", json.dumps(final, indent=2))
+            atomic_write_text(metrics / "eval_heldin.md", md + "\n")
             log.info("held-out eval of the composed LoRA:\n%s", md)
             tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
         tracker.summary(

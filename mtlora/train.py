@@ -34,10 +34,19 @@ from mtlora.cli.entry import user_errors
 from mtlora.cli.errors import describe
 from mtlora.errors import ConfigError
 from mtlora.run.meta import config_hash, record_resume, write_meta
-from mtlora.run.rundir import RESOLVED_CONFIG, RunDirBusy, claim, finish, save_resolved_config
-from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker
+from mtlora.run.rundir import (
+    MARKERS,
+    RESOLVED_CONFIG,
+    RunDirBusy,
+    claim,
+    claim_id,
+    finish,
+    is_run_dir,
+    save_resolved_config,
+)
+from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker, require_device
 from mtlora.utils.paths import CONFIG_PATH
-from mtlora.utils.resolvers import register_resolvers
+from mtlora.utils.resolvers import STAGED_SUFFIX, register_resolvers
 
 # torch, transformers and the training code are imported where they are used, so that `--help` and
 # `--cfg job` answer without loading them.
@@ -50,6 +59,7 @@ def preflight(cfg: DictConfig) -> None:
     """Every check that needs no weights: values, and target modules against the meta-device model."""
     from mtlora.adapters.inject import check_targets
     from mtlora.config import validate_config
+    from mtlora.config.reference import hydra_reference
     from mtlora.models.loading import meta_model
 
     if cfg.adapter.get("method") == "none":  # a Base row (conf/experiment/<paper>/<table>/base.yaml)
@@ -57,7 +67,7 @@ def preflight(cfg: DictConfig) -> None:
             "adapter.method=none: the base model has nothing to train; evaluate it with "
             "`python -m mtlora.evaluate <the same overrides> out=DIR` (a run dir scripts/make_tables.py reads)"
         )
-    validate_config(cfg)
+    validate_config(cfg, reference=hydra_reference())  # + unknown keys, non-boolean booleans
     if cfg.model.get("arch") is not None:
         check_targets(meta_model(cfg.model), cfg.adapter)
     if "mmlu" in cfg.eval.get("suites", []) and cfg.eval.get("at_end", True):  # data before training
@@ -75,6 +85,12 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
     from mtlora.launch import spawn_workers as spawn
 
     return spawn(cfg, run_dir)
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What this machine must have for ``cfg`` (the preset itself is checked by :func:`preflight`): the
+    requested device, never a silent fallback to the CPU."""
+    require_device(cfg.hardware.device, processes=int(cfg.hardware.get("num_processes") or 1))
 
 
 DEFAULT_METRIC = "heldin/exact_match"
@@ -110,8 +126,10 @@ def _multirun() -> bool:
 def _job_failed(run_dir: Path, e: Exception) -> float:
     """Multirun: mark the job ``FAILED`` (also when it failed before the run started), log the error and
     return the failure value, so the sweep goes on (mtlora.run.callbacks lists the failures at the end)."""
-    if not isinstance(e, RunDirBusy) and not (run_dir / "FAILED").exists():
+    # a job that failed before claiming its run dir leaves a run found there (e.g. COMPLETED) alone
+    if not isinstance(e, RunDirBusy) and not any((run_dir / m).exists() for m in MARKERS):
         run_dir.mkdir(parents=True, exist_ok=True)
+        settle_hydra_output(run_dir)  # a fresh job dir: keep its .hydra/ (failed_jobs.txt reads it)
         finish(run_dir, ok=False, message=repr(e))
     message = describe(e)
     if message is None:
@@ -149,10 +167,70 @@ def warn_if_config_changed(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
+def check_resume(cfg: DictConfig, run_dir: Path) -> bool:
+    """Before anything in ``run_dir`` is touched: check that ``resume`` can continue the run there.
+
+    Returns True when there is nothing to do: ``run_dir`` holds a ``COMPLETED`` run whose recorded config
+    hash equals this config's. Raises :class:`ConfigError` when the checkpoint to resume from does not fit
+    this config (:func:`mtlora.training.checkpoint.check_checkpoint_fits`), or when ``resume=auto`` would
+    train a ``COMPLETED`` run without checkpoints again from step 0 (replacing its adapter)."""
+    from mtlora.training.checkpoint import check_checkpoint_fits, resolve_resume
+
+    resume = cfg.get("resume")
+    if resume is None:
+        return False
+    completed = (run_dir / "COMPLETED").exists() and not (run_dir / "RUNNING").exists()
+    meta = run_dir / "meta.json"
+    if completed and meta.exists():
+        try:
+            recorded = json.loads(meta.read_text()).get("config_hash")
+        except json.JSONDecodeError:
+            recorded = None
+        if recorded == config_hash(cfg):
+            return True
+    ckpt = resolve_resume(resume, run_dir)
+    if ckpt is not None:
+        check_checkpoint_fits(cfg, ckpt)
+    elif resume == "auto" and completed:
+        raise ConfigError(
+            f"resume=auto: {run_dir} holds a COMPLETED run with another config and no checkpoint to continue "
+            "from; it would be trained again from step 0 and its adapter replaced: choose another "
+            "hydra.run.dir (or keep its config to leave it as it is)"
+        )
+    return False
+
+
+def settle_hydra_output(run_dir: Path) -> None:
+    """Move this launch's staged Hydra output (``.hydra.pending-<pid>/``, conf/hydra/default.yaml) to
+    ``.hydra/`` when the launch owns ``run_dir`` (it claimed it, or the dir holds no run), else remove it:
+    a launch that is refused never replaces the ``.hydra/`` record of the run it found there."""
+    if not HydraConfig.initialized():
+        return
+    sub = HydraConfig.get().output_subdir
+    if not sub or STAGED_SUFFIX not in str(sub):
+        return
+    staged = run_dir / str(sub)
+    if not staged.is_dir():
+        return
+    if claim_id(run_dir) is None and is_run_dir(run_dir):
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    final = run_dir / str(sub).split(STAGED_SUFFIX)[0]
+    if final.exists():  # the record of the launch this one resumes
+        old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+        final.rename(old)
+        staged.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staged.rename(final)
+
+
 def start_run(cfg: DictConfig, run_dir: Path) -> None:
-    """Claim the run dir (``RUNNING``), then write the resolved config and ``meta.json`` (with the resume
-    history when resuming). Called once per job, by the Hydra process or by rank 0."""
+    """Claim the run dir (claim lock, ``RUNNING``), move this launch's ``.hydra/`` in, then write the
+    resolved config and ``meta.json`` (with the resume history when resuming). Called once per job, by
+    the Hydra process or by rank 0."""
     claim(run_dir, cfg.get("resume"))
+    settle_hydra_output(run_dir)
     warn_if_config_changed(cfg, run_dir)
     if cfg.get("resume") is not None:
         record_resume(run_dir, cfg)
@@ -168,6 +246,7 @@ def run_secondary_machine(
     shared run dir and writes its config and markers; this one waits for ``config_resolved.yaml`` and starts
     its own workers, which join machine 0's process group."""
     preflight(cfg)
+    check_machine(cfg)
     deadline = time.monotonic() + timeout_s
     while not (run_dir / RESOLVED_CONFIG).exists():
         if time.monotonic() > deadline:
@@ -187,6 +266,11 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         run_secondary_machine(cfg, run_dir)
         return None
     preflight(cfg)
+    check_machine(cfg)
+    if check_resume(cfg, run_dir):
+        log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
+        print(f"{run_dir} is already COMPLETED with this config; nothing to resume", flush=True)
+        return _result(run_dir, cfg.get("optimized_metric"))
     start_run(cfg, run_dir)
     try:
         if cfg.adapter.get("method") == "lorahub":  # gradient-free composition of trained LoRAs
@@ -217,9 +301,14 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
             "use one run dir (or run `python -m mtlora.train hardware=...` and let it launch the workers)"
         )
     preflight(cfg)
+    check_machine(cfg)
     rank0 = env_rank() == 0
     from mtlora.training.loop import run_training
 
+    if check_resume(cfg, run_dir):  # every rank reads the same files and returns alike
+        if rank0:
+            log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
+        return _result(run_dir, cfg.get("optimized_metric"))
     if rank0:
         start_run(cfg, run_dir)
     try:
@@ -237,19 +326,24 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     exit_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with user_errors(cfg):  # a user error: one line, exit status 2 (mtlora.cli.entry)
-        if launched_as_worker():
-            return run_direct_worker(cfg, run_dir)
-        if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-            log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
-            with read_write(cfg), open_dict(cfg):
-                cfg.resume = "auto"
-        if not _multirun():
-            return run(cfg, run_dir)
-        try:
-            return run(cfg, run_dir)
-        except Exception as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
-            return _job_failed(run_dir, e)
+    try:
+        with user_errors(cfg):  # a user error: one line, exit status 2 (mtlora.cli.entry)
+            if launched_as_worker():
+                return run_direct_worker(cfg, run_dir)
+            if cfg.get("resume") is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+                log.warning("requeued SLURM job (SLURM_RESTART_COUNT>0): resuming as with resume=auto")
+                with read_write(cfg), open_dict(cfg):
+                    cfg.resume = "auto"
+            if not _multirun():
+                return run(cfg, run_dir)
+            try:
+                return run(cfg, run_dir)
+            except (
+                Exception
+            ) as e:  # not SystemExit/KeyboardInterrupt: SIGTERM and Ctrl-C still stop the sweep
+                return _job_failed(run_dir, e)
+    finally:
+        settle_hydra_output(run_dir)  # refused before the claim: drop the staged .hydra/
 
 
 if __name__ == "__main__":

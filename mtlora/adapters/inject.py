@@ -49,14 +49,21 @@ def linear_suffixes(model: nn.Module) -> list[str]:
 
 def check_targets(model: nn.Module, adapter_cfg: DictConfig) -> list[str]:
     """Return the target names or raise a :class:`ConfigError` naming the key and the available modules."""
-    targets = find_targets(model, adapter_cfg.target_modules)
+    tm = adapter_cfg.target_modules
+    targets = find_targets(model, tm)
     if not targets:
-        tm = adapter_cfg.target_modules
         shown = tm if isinstance(tm, str) else list(tm)
         raise ConfigError(
             f"adapter.target_modules={shown!r} matches no linear module of the model; "
             f"linear module names available: {linear_suffixes(model)}"
         )
+    if not isinstance(tm, str):  # a list: every entry must select something (a typo trains the others only)
+        unmatched = [t for t in tm if not find_targets(model, [t])]
+        if unmatched:
+            raise ConfigError(
+                f"adapter.target_modules: {unmatched} match no linear module of the model (the other entries "
+                f"do); fix or drop them. Linear module names available: {linear_suffixes(model)}"
+            )
     return targets
 
 

@@ -13,6 +13,8 @@ from torch import nn
 
 from mtlora.adapters.inject import adapter_layers
 from mtlora.errors import ConfigError
+from mtlora.run.checksums import verify, write_manifest
+from mtlora.utils.io import atomic_write, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,14 +69,22 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def save_adapter(model: nn.Module, out_dir: Path, adapter_cfg: dict[str, Any]) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir``."""
+    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and their SHA-256 (``checksums.json``,
+    :mod:`mtlora.run.checksums`) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "mtlora"})
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
+    state = adapter_state_dict(model)
+    atomic_write(
+        out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "mtlora"})
+    )
+    atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(adapter_cfg, indent=2))
+    write_manifest(out_dir)
     return out_dir
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """Load ``adapter_dir``'s weights into ``model`` after checking their recorded SHA-256; raises
+    :class:`~mtlora.errors.IntegrityError` naming a damaged file."""
+    verify(adapter_dir)
     load_adapter_state_dict(model, load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
 
 

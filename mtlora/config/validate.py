@@ -7,7 +7,8 @@ later, on the meta device (:func:`mtlora.adapters.check_targets`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from mtlora.adapters.moelora import EMBEDDING_ROWS
 from mtlora.adapters.mtl_lora import LAMBDA_FORMATS
 from mtlora.adapters.multihead import COMBINES, DROPOUT_PLACES, INIT_SCALES, INITS, MultiHeadLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.config.reference import Reference, reference_errors
 from mtlora.data.build import rows_per_task, selected_tasks
 from mtlora.data.mixture import STRATEGIES
 from mtlora.data.packing import packing_conflicts
@@ -102,6 +104,38 @@ class _Checker:
 
     def choice(self, key: str, values) -> None:
         self.rule(key, _one_of(values), f"one of {list(values)}")
+
+
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a config node (list items as ``key[i]``); interpolations are
+    resolved, and a leaf that cannot be resolved (e.g. ``${hydra:...}`` outside Hydra) is skipped."""
+    if isinstance(node, DictConfig):
+        for k in list(node):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            try:
+                v = node[k]
+            except Exception:  # an interpolation that cannot resolve here
+                continue
+            yield from leaves(v, key)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            try:
+                v = node[i]
+            except Exception:
+                continue
+            yield from leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def non_finite_numbers(cfg: DictConfig) -> list[str]:
+    """One error per float leaf of ``cfg`` that is NaN or infinite (no key of the project accepts one: a
+    NaN dropout is no dropout, a NaN weight an epoch of -2^65 examples)."""
+    return [
+        f"{key}={value!r}: must be a finite number"
+        for key, value in leaves(cfg)
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
 
 
 def _check_bbh(c: _Checker) -> None:
@@ -237,9 +271,15 @@ def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
         c.errors.append("train.loss.impl: must be 'full' under ZeRO-3 (chunked CE reads the head weight)")
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every invalid value of ``cfg`` (a composed train config)."""
+def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None:
+    """Raise :class:`ConfigError` listing every invalid value of ``cfg`` (a composed train config).
+
+    ``reference``: the same group choices composed without key overrides
+    (:func:`mtlora.config.reference.hydra_reference`); given, keys unknown to the chosen presets and
+    non-boolean values of boolean keys are errors too."""
     c = _Checker(cfg)
+    c.errors += non_finite_numbers(cfg)
+    c.errors += reference_errors(cfg, reference)
     # model
     c.choice("model.init", ("pretrained", "random"))
     c.choice("model.dtype", tuple(DTYPES))
@@ -402,6 +442,16 @@ def validate_config(cfg: DictConfig) -> None:
                 AlignmentTerm.from_config(cfg.alignment)
             except ConfigError as e:
                 c.errors.append(str(e))
+        try:
+            n_align = len(selected_tasks(cfg.data))
+        except ConfigError:
+            n_align = None  # reported by the data rules below
+        if n_align is not None and n_align < 2:
+            c.errors.append(
+                f"alignment={cfg.alignment.get('name')}: aligns the representations of different tasks, but the "
+                f"data has {n_align} task (data.select); its term would be 0: use alignment=none or two or "
+                "more tasks"
+            )
         c.rule(
             "alignment.layers",
             lambda v: v in ("all", "attn", "mlp") or (isinstance(v, ListConfig) and len(v) > 0),
@@ -426,6 +476,11 @@ def validate_config(cfg: DictConfig) -> None:
                 f"data.sampling.weights: needs one weight per task {used}; missing {missing}, "
                 f"unknown {unknown}"
             )
+        for t in weights:
+            c.num(f"data.sampling.weights.{t}", 0)
+        valid = not missing and not unknown and all(_num(0)(weights[t]) for t in used)
+        if valid and not sum(weights[t] for t in used) > 0:
+            c.errors.append("data.sampling.weights: must have a positive sum")
     c.num("data.sampling.temperature", 0, lo_open=True)
     c.int_("data.budget", 1, optional=True)
     c.choice("data.on_bad_row", ("error", "skip"))

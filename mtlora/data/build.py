@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 from omegaconf import DictConfig
 
-from mtlora.data.collate import collate, tokenize_examples
+from mtlora.data.collate import LOST_PROMPT_SHARE, collate, tokenize_examples, truncation_report
 from mtlora.data.mixture import MixtureSchedule, mixture_counts, mixture_probabilities
 from mtlora.data.packing import pack, packing_conflicts
 from mtlora.data.tasks import load_task
@@ -112,6 +112,36 @@ class MultiTaskData:
         ]
 
 
+def check_truncation(task: str, splits: dict[str, datasets.Dataset], max_seq_len: int) -> None:
+    """Warn with counts when rows of ``task`` are longer than ``model.max_seq_len`` (prompts are cut from the
+    left, then answers from the right); raise :class:`ConfigError` when more than half of a split's rows
+    lose more than half of their prompt (:data:`mtlora.data.collate.LOST_PROMPT_SHARE`)."""
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            continue
+        r = truncation_report(ds)
+        longest = max(len(ids) + c for ids, c in zip(ds["input_ids"], ds["prompt_cut"]))
+        if r["prompt_lost"] > LOST_PROMPT_SHARE * r["rows"]:
+            raise ConfigError(
+                f"model.max_seq_len={max_seq_len}: {r['prompt_lost']} of {r['rows']} {split} rows of task "
+                f"{task!r} lose more than half of their prompt to truncation (the longest row has about "
+                f"{longest} tokens); raise model.max_seq_len"
+            )
+        if r["cut"]:
+            log.warning(
+                "task %r: %d of %d %s rows are longer than model.max_seq_len=%d and were cut (%d lose more "
+                "than half of their prompt, %d lose answer tokens; longest about %d tokens)",
+                task,
+                r["cut"],
+                r["rows"],
+                split,
+                max_seq_len,
+                r["prompt_lost"],
+                r["target_cut"],
+                longest,
+            )
+
+
 def build_data(data_cfg: DictConfig, tokenizer, max_seq_len: int) -> MultiTaskData:
     names = selected_tasks(data_cfg)
     seed = int(data_cfg.seed)
@@ -119,8 +149,11 @@ def build_data(data_cfg: DictConfig, tokenizer, max_seq_len: int) -> MultiTaskDa
     for name in names:
         splits = load_task(name, data_cfg.tasks[name], seed=seed, on_bad_row=data_cfg.on_bad_row)
         cols = ["input_ids", "prompt_len"]
-        train.append(tokenize_examples(splits.train, tokenizer, max_seq_len).select_columns(cols))
-        evals.append(tokenize_examples(splits.eval, tokenizer, max_seq_len))
+        tok_train = tokenize_examples(splits.train, tokenizer, max_seq_len)
+        tok_eval = tokenize_examples(splits.eval, tokenizer, max_seq_len)
+        check_truncation(name, {"train": tok_train, "eval": tok_eval}, max_seq_len)
+        train.append(tok_train.select_columns(cols))
+        evals.append(tok_eval)
         skipped[name] = splits.skipped_rows
     sizes = {n: len(d) for n, d in zip(names, train)}
     s = data_cfg.sampling

@@ -94,9 +94,11 @@ def load_task(name: str, cfg: DictConfig, seed: int, on_bad_row: str = "error") 
     src = cfg.source
 
     def prepare(split: str):
-        parts = load_parts(src, where, seed, split)
+        unreadable: list[int] = []  # lines of the source files that could not be read (on_bad_row=skip)
+        parts = load_parts(src, where, seed, split, on_bad_row, unreadable)
         parts = [(o, _rename(ds, cfg.get("fields"))) for o, ds in parts]
-        return _render(_filter(parts, cfg.get("filter")), template, where, on_bad_row)
+        rows, bad = _render(_filter(parts, cfg.get("filter")), template, where, on_bad_row)
+        return rows, bad + sum(unreadable)
 
     rows, skipped = prepare(cfg.get("split", "train"))
     ev = cfg.eval

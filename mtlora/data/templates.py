@@ -25,8 +25,30 @@ def _flan_patterns(path: str) -> dict[str, list[dict[str, str]]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"Flan template file {p} does not exist (set MTLORA_DATA_DIR or paths.data_dir)")
-    data = json.loads(p.read_text())
-    return data.get("patterns", data)
+    raw = p.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"Flan template file {p}: line {line} is not valid UTF-8 (damaged file?)") from e
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"Flan template file {p}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); the file "
+            "is damaged or truncated: restore it from the data sources"
+        ) from e
+    patterns = data.get("patterns", data) if isinstance(data, dict) else None
+    if not isinstance(patterns, dict):
+        raise DataError(f"Flan template file {p}: expected an object of pattern lists by Flan key")
+    for key, pats in patterns.items():
+        ok = isinstance(pats, list) and all(
+            isinstance(x, dict) and isinstance(x.get("input"), str) and isinstance(x.get("target"), str)
+            for x in pats
+        )
+        if not ok:
+            raise DataError(
+                f"Flan template file {p}: key {key!r} must hold a list of {{input, target}} string patterns"
+            )
+    return patterns
 
 
 class Template:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from mtlora.run.metrics import markdown_table, write_csv
+from mtlora.utils.io import atomic_write_text
 
 
 def write_suite_outputs(
@@ -19,7 +20,7 @@ def write_suite_outputs(
     out_dir = Path(out_dir)
     mdir = out_dir / "metrics"
     mdir.mkdir(parents=True, exist_ok=True)
-    (mdir / f"eval_{name}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(mdir / f"eval_{name}.json", json.dumps(result, indent=2))
     rows = [{"task": t, **m} for t, m in result["tasks"].items()]
     for agg in ("macro", "micro"):  # n = all rows, as in the BBH tables
         rows.append(
@@ -28,7 +29,7 @@ def write_suite_outputs(
     rows += [{"task": g, **m} for g, m in result.get("groups", {}).items()]  # e.g. MMLU categories
     table = [{c: r.get(c, "") for c in cols} for r in rows]
     write_csv(mdir / f"eval_{name}.csv", table)
-    (mdir / f"eval_{name}.md").write_text(note + "\n\n" + markdown_table(table, cols) + "\n")
+    atomic_write_text(mdir / f"eval_{name}.md", note + "\n\n" + markdown_table(table, cols) + "\n")
     write_predictions(name, preds, out_dir)
 
 
@@ -37,7 +38,7 @@ def write_predictions(name: str, preds: dict[str, list[dict]], out_dir: Path) ->
     pdir = Path(out_dir) / "predictions" / name
     pdir.mkdir(parents=True, exist_ok=True)
     for task, lines in preds.items():
-        (pdir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        atomic_write_text(pdir / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
     return pdir
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from mtlora.models.loading import param_numel
+from mtlora.utils.io import atomic_write, atomic_write_text
 
 MAX_SAVED_PARAMS = 100_000_000
 
@@ -52,9 +53,7 @@ def save_base_model(model_cfg: DictConfig, model: torch.nn.Module, tokenizer, ou
     if model_cfg.init == "random":
         model.config.to_json_file(str(out_dir / "config.json"))
         if small:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in params.items()},
-                str(out_dir / "model.safetensors"),
-            )
-    (out_dir / "source.json").write_text(json.dumps(source, indent=2))
+            weights = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+            atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, str(tmp)))
+    atomic_write_text(out_dir / "source.json", json.dumps(source, indent=2))
     return out_dir

@@ -32,6 +32,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mtlora.utils.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 FAILED_JOBS = "failed_jobs.txt"
@@ -72,7 +74,7 @@ def write_failed_jobs(sweep_dir: Path) -> list[tuple[Path, list[str], str]]:
     if not jobs:
         path.unlink(missing_ok=True)
         return jobs
-    path.write_text(_HEADER + "".join(_line(job, ovr) + "\n" for job, ovr, _ in jobs))
+    atomic_write_text(path, _HEADER + "".join(_line(job, ovr) + "\n" for job, ovr, _ in jobs))
     print(f"\n{len(jobs)} job(s) of the sweep {sweep_dir} failed:", flush=True)
     for job, overrides, reason in jobs:
         print(f"  {job}\n    overrides: {' '.join(overrides)}\n    error: {reason[:300]}", flush=True)
@@ -199,7 +201,7 @@ def rerun_failed(sweep_dir: Path, dry_run: bool = False, extra: list[str] | None
     if dry_run:
         return 0
     if still:
-        path.write_text(_HEADER + "".join(x + "\n" for x in still))
+        atomic_write_text(path, _HEADER + "".join(x + "\n" for x in still))
         print(f"{len(still)} of {len(lines)} job(s) failed again; listed in {path}")
     else:
         path.unlink()

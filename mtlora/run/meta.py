@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlora.utils.io import atomic_write_text
 from mtlora.utils.resolvers import REPO_ROOT
 
 PACKAGES = (
@@ -91,7 +92,7 @@ def record_resume(run_dir: Path, cfg: DictConfig) -> None:
     info = _launch_info(cfg)
     meta.setdefault("resumes", []).append(info)
     meta["config_hash"] = info["config_hash"]
-    path.write_text(json.dumps(meta, indent=2, default=str))
+    atomic_write_text(path, json.dumps(meta, indent=2, default=str))
 
 
 def write_meta(run_dir: Path, cfg: DictConfig, **extra: Any) -> dict:
@@ -109,5 +110,5 @@ def write_meta(run_dir: Path, cfg: DictConfig, **extra: Any) -> dict:
             "hardware": hardware_info(),
         }
     meta.update(extra)
-    path.write_text(json.dumps(meta, indent=2, default=str))
+    atomic_write_text(path, json.dumps(meta, indent=2, default=str))
     return meta

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -43,6 +44,10 @@ from mtlora.adapters.state import (
     check_adapter_fits,
     load_adapter_state_dict,
 )
+from mtlora.errors import IntegrityError
+from mtlora.run.checksums import verify, write_manifest
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 #: the ``tag`` (sub-directory) of DeepSpeed's checkpoint inside ``step_N/`` (ZeRO runs)
@@ -137,6 +142,7 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
     barrier()
     if is_main:
+        write_manifest(tmp)  # SHA-256 of every file of every rank, checked on resume
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         tmp.rename(ckpt_dir)
     barrier()
@@ -194,6 +200,47 @@ def load_checkpoint(
     }
 
 
+def adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a safetensors file, read from its header (no tensor data)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+def check_checkpoint_fits(cfg: Any, ckpt_dir: Path) -> None:
+    """Raise :class:`~mtlora.errors.ConfigError` when the checkpoint ``ckpt_dir`` cannot be resumed with
+    ``cfg``: its adapter tensors (names, shapes) differ from those ``cfg`` injects into its model (built on
+    the meta device: no weights), or it was saved with(out) DeepSpeed and ``cfg`` runs without (with) it.
+    Reads file headers only; nothing is written."""
+    import torch as _torch
+
+    from mtlora.adapters import inject_adapters
+    from mtlora.adapters.state import check_adapter_fits
+    from mtlora.errors import ConfigError
+    from mtlora.models.loading import meta_model
+
+    ds_ckpt, ds_cfg = (ckpt_dir / DEEPSPEED_TAG).is_dir(), bool(cfg.hardware.get("deepspeed"))
+    if ds_ckpt != ds_cfg:
+        raise ConfigError(
+            f"resume={cfg.get('resume')}: {ckpt_dir} was saved {'with' if ds_ckpt else 'without'} DeepSpeed "
+            f"and this config runs {'with' if ds_cfg else 'without'} it; resume with the hardware preset it "
+            "was trained with"
+        )
+    if cfg.model.get("arch") is None:
+        return  # no meta model to compare with; load_checkpoint checks the shapes
+    model = meta_model(cfg.model)
+    with _torch.device("meta"):
+        inject_adapters(model, cfg.adapter)
+    try:
+        check_adapter_fits(model, adapter_shapes(ckpt_dir / ADAPTER_WEIGHTS))
+    except ConfigError as e:
+        raise ConfigError(
+            f"resume={cfg.get('resume')}: the checkpoint {ckpt_dir} does not fit this config: {e}; resume with "
+            "the model and adapter config it was trained with (its run dir's config_resolved.yaml)"
+        ) from e
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -210,16 +257,34 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = newest in ``run_dir`` (None if there is none); a path =
-    that checkpoint dir, or the newest checkpoint of that run dir."""
+    """The checkpoint to resume from: ``auto`` = newest intact one in ``run_dir`` (None if there is none); a
+    path = that checkpoint dir (which must be intact), or the newest intact checkpoint of that run dir.
+
+    Intact: every file matches the SHA-256 recorded when it was saved (:func:`mtlora.run.checksums.verify`)
+    and parses. A damaged checkpoint is skipped with a warning that names the file and the checkpoint used
+    instead; when every checkpoint is damaged, :class:`~mtlora.errors.IntegrityError` names them."""
     if resume is None:
         return None
     target = Path(run_dir) if resume == "auto" else Path(resume)
     if (target / TRAINER_STATE).exists():
+        verify(target)  # an explicit checkpoint: no other to fall back to
         return target
     ckpts = list_checkpoints(target)
-    if ckpts:
-        return ckpts[-1]
+    damaged: list[str] = []
+    for ckpt in reversed(ckpts):
+        try:
+            verify(ckpt)
+        except IntegrityError as e:
+            damaged.append(str(e))
+            log.warning("checkpoint %s is damaged, skipping it: %s", ckpt, e)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest intact checkpoint", ckpt)
+        return ckpt
+    if damaged:
+        raise IntegrityError(
+            f"resume={resume!r}: every checkpoint of {target} is damaged: " + "; ".join(damaged)
+        )
     if resume == "auto":
         return None
     raise FileNotFoundError(f"resume={resume!r}: no checkpoint found there (looked for checkpoints/step_*/)")

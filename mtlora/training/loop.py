@@ -40,6 +40,7 @@ from mtlora.run.meta import write_meta
 from mtlora.run.metrics import JsonlLog, heldin_line, markdown_table, train_csv_rows, train_line, write_csv
 from mtlora.run.plots import plot_loss
 from mtlora.run.progress import ProgressBar
+from mtlora.run.rundir import WriterLock
 from mtlora.run.schedule import resolve_every, schedule_line
 from mtlora.run.tracker import Tracker, accelerator_tracking_kwargs, heldin_values, start_tracker
 from mtlora.training.alignment import AlignmentTerm
@@ -60,7 +61,8 @@ from mtlora.training.deepspeed import (
 from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
-from mtlora.utils.dist import launched_as_worker
+from mtlora.utils.dist import launched_as_worker, require_device
+from mtlora.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ def total_steps(cfg: DictConfig, stream: BatchStream) -> int:
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path | None = None) -> Accelerator:
+    require_device(cfg.hardware.device)  # never train on the CPU when a GPU was asked for
     if cfg.hardware.get("num_threads"):
         torch.set_num_threads(int(cfg.hardware.num_threads))
     if not launched_as_worker():
@@ -126,7 +129,16 @@ def build_model_and_data(cfg: DictConfig):
 def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     """Train ``cfg`` into ``run_dir`` (markers and config are handled by the caller). Returns final eval."""
     datasets.disable_progress_bars()
-    acc = make_accelerator(cfg, run_dir)
+    acc = make_accelerator(cfg, run_dir)  # several processes: after the rendezvous, so the run dir is claimed
+    writer = WriterLock(run_dir) if acc.num_processes > 1 or launched_as_worker() else None
+    try:
+        return _run_training(cfg, run_dir, acc)
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+def _run_training(cfg: DictConfig, run_dir: Path, acc: Accelerator) -> dict:
     cfg = defer_main_process_eval(cfg, acc)  # ZeRO-3 over several processes: no generation suites
     torch.manual_seed(int(cfg.seed))
     with model_build_context(acc, cfg.model):  # ZeRO-3: a random-init model is built whole
@@ -512,11 +524,12 @@ def _write_outputs(
     if final:
         import json
 
-        (run_dir / "metrics" / "eval_heldin.json").write_text(json.dumps(final, indent=2))
+        atomic_write_text(run_dir / "metrics" / "eval_heldin.json", json.dumps(final, indent=2))
         table = [{"task": t, **m} for t, m in final["tasks"].items()]
         table += [{"task": "macro", **final["macro"]}, {"task": "micro", **final["micro"]}]
-        (run_dir / "metrics" / "eval_heldin.md").write_text(
-            markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n"
+        atomic_write_text(
+            run_dir / "metrics" / "eval_heldin.md",
+            markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n",
         )
         tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
     train = train_log.read()

@@ -42,3 +42,27 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def require_device(device: str, key: str = "hardware.device", processes: int = 1) -> None:
+    """Raise :class:`~mtlora.errors.ConfigError` when ``device`` (``cpu``, ``cuda``, ``cuda:N``) is not on
+    this machine, or when ``processes`` ranks ask for more GPUs than are visible: a run never falls back
+    to another device than the one asked for."""
+    import torch
+
+    from mtlora.errors import ConfigError
+
+    if not str(device).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{key}={device}: no CUDA device is available on this machine (torch {torch.__version__}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use {key}=cpu or run where "
+            "a GPU is visible"
+        )
+    count = torch.cuda.device_count()
+    index = int(str(device).split(":", 1)[1]) if ":" in str(device) else 0
+    if index >= count or processes > count:
+        raise ConfigError(
+            f"{key}={device} with {processes} process(es): this machine has {count} visible CUDA device(s)"
+        )

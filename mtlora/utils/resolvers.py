@@ -19,6 +19,16 @@ def _rank_subdir(name: str = ".hydra") -> str:
     return name if rank == 0 else f"{name}_rank{rank}"
 
 
+#: the Hydra output subdir of a launch is staged under this suffix and moved to its name once the launch
+#: owns the run dir (mtlora.train.settle_hydra_output): a refused launch never replaces another's .hydra/
+STAGED_SUFFIX = ".pending-"
+
+
+def _staged_subdir(name: str = ".hydra") -> str:
+    rank = env_rank()
+    return f"{name}{STAGED_SUFFIX}{os.getpid()}" if rank == 0 else f"{name}_rank{rank}"
+
+
 def _rank_suffix() -> str:
     rank = env_rank()
     return "" if rank == 0 else f".rank{rank}"
@@ -36,6 +46,7 @@ def register_resolvers() -> None:
         "mtlora.root": lambda: str(project_root()),
         "mtlora.pid": lambda: str(os.getpid()),
         "mtlora.rank_subdir": _rank_subdir,
+        "mtlora.staged_subdir": _staged_subdir,
         "mtlora.rank_suffix": _rank_suffix,
         "mtlora.num_tasks": _num_tasks,
     }

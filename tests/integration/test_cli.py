@@ -177,9 +177,10 @@ def test_resume_with_a_changed_config_warns_and_keeps_the_earlier_config(tmp_pat
     assert r.returncode == 0 and "differs from the one it started with" in r.stdout + r.stderr
     assert "dropout: 0.05" in (d / "config_resolved.before_resume.yaml").read_text()
     assert "dropout: 0.2" in (d / "config_resolved.yaml").read_text()
-    r = run_cli([*args, "adapter.dropout=0.2", "resume=auto"])  # same config again: no warning
+    r = run_cli([*args, "adapter.dropout=0.2", "resume=auto"])  # same config, COMPLETED: nothing to do
     assert r.returncode == 0 and "differs" not in r.stdout + r.stderr
-    assert len(json.loads((d / "meta.json").read_text())["resumes"]) == 2
+    assert "already COMPLETED with this config; nothing to resume" in r.stdout
+    assert len(json.loads((d / "meta.json").read_text())["resumes"]) == 1
 
 
 def test_sigterm_ends_the_run_with_a_failed_marker(tmp_path: Path) -> None:
