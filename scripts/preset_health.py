@@ -42,7 +42,7 @@ reuses that run.
 are gradient-free: a library of one LoRA per synthetic task (the preset's LoRA shape and training settings,
 ``--steps`` steps each, shared per shape) is composed with the preset's budget and few-shot size; every
 evaluated objective must be finite and the composition must lower the few-shot CE below the base model's
-(``best_ce < ce_at_zero``; ``fall`` = the difference).
+(the loaded composition's ``ce < ce_at_zero``, ``fall`` = the difference; ``metrics/lorahub.json``).
 
 Writes ``<out>/preset_health.md`` and ``.csv`` (one row per preset) and exits 1 when a preset fails.
 
@@ -425,12 +425,12 @@ class Checker:
         reasons = [f"run failed: {stats.error}"] if stats.error else []
         if res is not None:
             losses = [e["loss"] for e in res["evaluations"]] + [res["loss_at_zero"]]
-            row.fall = res["ce_at_zero"] - res["best_ce"]
+            row.fall = res["ce_at_zero"] - res["ce"]  # the composition loaded (adapter.result)
             row.max_aux = max((abs(x) for x in losses if math.isfinite(x)), default=math.nan)
             row.aux_keys = "lorahub objective"
             if not all(math.isfinite(x) for x in losses):
                 reasons.append("non-finite LoraHub objective")
-            if res["best_eval"] is None or not row.fall > 0:
+            if not row.fall > 0:
                 reasons.append(f"composition does not beat the base model (CE {res['ce_at_zero']:.4f})")
         elif not stats.error:
             reasons.append("no metrics/lorahub.json")
