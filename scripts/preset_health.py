@@ -131,10 +131,24 @@ def compose(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
     with read_write(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = str(run_dir or REPO / "outputs" / "preset_health")
     HydraConfig.instance().set_config(cfg)
+    hydra_node = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
+    _HYDRA[id(cfg)] = (cfg, hydra_node)
     return cfg
+
+
+#: the Hydra node of every composed config (by id), restored before its run: validation reads the job's
+#: overrides from ``HydraConfig`` (mtlora.config.reference), and other configs are composed in between
+_HYDRA: dict[int, tuple[DictConfig, DictConfig]] = {}
+
+
+def _activate(cfg: DictConfig) -> None:
+    """Make ``cfg``'s own Hydra node the current ``HydraConfig``, as in a ``python -m mtlora.train`` job."""
+    entry = _HYDRA.get(id(cfg))
+    if entry is not None and entry[0] is cfg:
+        HydraConfig.instance().set_config(OmegaConf.create({"hydra": entry[1]}))
 
 
 def _key(cfg: DictConfig) -> str:
@@ -317,6 +331,7 @@ class Checker:
 
         run_dir = Path(cfg.paths.output_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
+        _activate(cfg)
         t0 = time.perf_counter()
         error = None
         try:
