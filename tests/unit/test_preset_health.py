@@ -43,19 +43,19 @@ def test_loss_fall_is_the_difference_of_the_end_means(health) -> None:
 
 
 def test_task_balanced_preset_keeps_rows_per_task_and_accumulation(health, tmp_path: Path) -> None:
-    """A-LoRA-K (Align-LoRA Table 5: 16 = 2 rows x 8 tasks, GA 3) keeps 2 rows of each task and GA 3 over
+    """A-LoRA-K (Align-LoRA Table 5: 8 = 1 row x 8 tasks, GA 10) keeps 1 row of each task and GA 10 over
     the 5 synthetic tasks; its adapter and KL alignment stay; lr, steps, seed and budget are the check's."""
     p = health.plan("align_lora/t5/a_lora_k")
-    assert (p.kind, p.method, p.alignment, p.rows_per_task) == ("train", "lora", "kl", 2)
-    assert (p.micro_batch_size, p.grad_accum) == (10, 3)
+    assert (p.kind, p.method, p.alignment, p.rows_per_task) == ("train", "lora", "kl", 1)
+    assert (p.micro_batch_size, p.grad_accum) == (5, 10)
     cfg = health.compose(p.overrides, tmp_path)
     assert cfg.model.name == "tiny" and list(cfg.data.tasks) == list(health.SMOKE_TASKS)
     assert {t.source.num_examples for t in cfg.data.tasks.values()} == {400}
-    assert rows_per_task(cfg) == 2 and cfg.train.gradient_accumulation_steps == 3
+    assert rows_per_task(cfg) == 1 and cfg.train.gradient_accumulation_steps == 10
     assert cfg.alignment.name == "kl" and cfg.alignment.weight == 0.2 and cfg.adapter.method == "lora"
     assert cfg.train.optimizer.lr == 1e-2 and cfg.train.max_steps == 30 and cfg.seed == 0
     assert cfg.train.scheduler.name == "linear" and cfg.train.warmup_ratio == 0.0  # the preset's schedule
-    assert cfg.data.budget == 30 * 10 * 3 and cfg.train.precision == "fp32"
+    assert cfg.data.budget == 30 * 5 * 10 and cfg.train.precision == "fp32"
     assert cfg.train.log_every == 1 and not cfg.train.loss_watchdog.enabled and not cfg.eval.suites
 
 
