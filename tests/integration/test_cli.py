@@ -325,7 +325,9 @@ def test_wandb_offline_one_run_per_job_with_per_task_metrics_continued_on_resume
         for t, v in rec["task_loss"].items():
             assert train[rec["step"]][f"train/task_loss/{t}"] == pytest.approx(v)
 
-    shutil.rmtree(d / "checkpoints" / "step_4")  # stopped after step 3: resume=auto continues the wandb run
+    # as if killed after step 3 (no step_4 checkpoint, no COMPLETED marker): resume=auto continues the wandb run
+    shutil.rmtree(d / "checkpoints" / "step_4")
+    (d / "COMPLETED").unlink()
     r = run_cli([*args, "resume=auto"], env={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list((d / "wandb").glob("offline-run-*"))
