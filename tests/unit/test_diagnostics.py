@@ -778,9 +778,13 @@ def test_divergence_between_two_synthetic_tasks_exceeds_that_within_one(tiny_cfg
 # ---------------------------------------------------------------- t-SNE
 
 
-def test_parameter_tsne_groups_by_module_type_never_by_shape() -> None:
+def test_parameter_tsne_groups_by_module_type_never_by_shape(monkeypatch) -> None:
     """R-LoRA's analysis_tsne.py embeds the B heads of each module type separately: gate_proj and up_proj
-    have equal shapes but are never mixed into one t-SNE."""
+    have equal shapes but are never mixed into one t-SNE. (The tiny model's groups hold fewer points than a
+    real t-SNE needs, so the minimum is lowered here: the grouping is what is tested.)"""
+    import mtlora.diagnostics.tsne as tsne_module
+
+    monkeypatch.setattr(tsne_module, "MIN_POINTS", 4)
     cfg = compose_train(["adapter=hydralora", "data.select=[arithmetic,word_sorting]"])
     model = tiny_lora(cfg)
     with torch.no_grad():

@@ -31,6 +31,7 @@ from mtlora.adapters import (
 from mtlora.adapters.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
+from mtlora.run.checksums import MANIFEST
 from tests.helpers.compose import compose_train
 from tests.helpers.tiny import logits, tokens
 
@@ -220,7 +221,7 @@ def test_save_load_adapter_round_trip(cfg, tmp_path: Path) -> None:
             layer.lora_A.mul_(1.5)
     want = logits(model, ids)
     out = save_adapter(model, tmp_path / "adapter", OmegaConf.to_container(acfg))
-    assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])
+    assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG, MANIFEST])
     assert json.loads((out / ADAPTER_CONFIG).read_text())["rank"] == acfg.rank
     saved = load_file(str(out / ADAPTER_WEIGHTS))
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -109,7 +109,7 @@ def test_secondary_machine_waits_for_machine_0_then_starts_its_workers(tmp_path,
 
     import mtlora.train as train
 
-    cfg = OmegaConf.create({"hardware": {"machine_rank": 1}})
+    cfg = OmegaConf.create({"hardware": {"machine_rank": 1, "device": "cpu"}})
     started: list[Path] = []
     monkeypatch.setattr(train, "preflight", lambda c: None)
     monkeypatch.setattr(train, "spawn_workers", lambda c, d: started.append(d) or 0)

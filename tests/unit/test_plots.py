@@ -67,7 +67,14 @@ def test_loss_plot_has_per_task_curves_the_learning_rate_and_the_run_name(figure
 
 def _divergence(kl) -> dict:
     kl = np.asarray(kl, dtype=float)
-    return {"tasks": ["a", "b"], "kl_matrix": kl, "mmd_matrix": kl / 10, "kl": 1.0, "mmd": 0.1}
+    return {
+        "tasks": ["a", "b"],
+        "kl_matrix": kl,
+        "mmd_matrix": kl / 10,
+        "kl": 1.0,
+        "kl_per_dim": 0.25,
+        "mmd": 0.1,
+    }
 
 
 def test_heatmap_text_is_white_on_dark_cells_and_black_on_light_ones(figures, tmp_path: Path) -> None:
@@ -95,7 +102,9 @@ def test_spectral_plot_of_plain_lora_has_no_empty_band_panel_and_names_its_layer
     res = {
         "bands": [[0, 10], [10, 50], [50, 100]],
         "alignment_pct": [None, None, None],
-        "sv_importance": [None, None, None],
+        "sv_importance_pct": [None, None, None],
+        "quantity": "B_i",
+        "edges": "ceil",
         "spectra": _spectra(3, 1),
     }
     dplots.plot_spectral(res, tmp_path / "lora.png", 6)
@@ -110,7 +119,7 @@ def test_spectral_plot_of_plain_lora_has_no_empty_band_panel_and_names_its_layer
     res = {
         **res,
         "alignment_pct": [50.0, 30.0, 20.0],
-        "sv_importance": [0.4, 0.4, 0.2],
+        "sv_importance_pct": [40.0, 40.0, 20.0],
         "spectra": _spectra(20, 4),
     }
     dplots.plot_spectral(res, tmp_path / "multi.png", 6)
@@ -131,8 +140,10 @@ def test_head_similarity_and_routing_have_integer_axes(figures, tmp_path: Path) 
                 "per_task": {"a": [0.7, 0.3], "b": [0.2, 0.8]},
                 "entropy": 0.5,
                 "cv2": 0.1,
+                "cv2_per_batch": 0.2,
             }
         },
+        "protocol": "tokens",
     }
     dplots.plot_routing(res, tmp_path / "routing.png", 6)
     assert list(figures[1].axes[0].get_xticks()) == [0, 1]
