@@ -73,7 +73,9 @@ def test_loading_a_run_never_enables_remote_code_by_itself(trained, tmp_path: Pa
     with pytest.raises(RunLoadError, match=refused):
         load_run(d)
     for fmt in ("peft", "merged"):
-        assert export_main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 1
+        assert (
+            export_main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 2
+        )  # a user error: exit status 2
         assert "model.trust_remote_code=true" in capsys.readouterr().err
     eval_cfg = compose_train(["eval.suites=[heldin]"])
     with pytest.raises(RunLoadError, match=refused):
@@ -145,7 +147,9 @@ def test_damaged_adapter_bytes_are_refused_by_every_command(trained, tmp_path: P
     with pytest.raises(RunLoadError, match=damaged):
         load_run(d)
     for fmt in ("peft", "merged"):
-        assert export_main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 1
+        assert (
+            export_main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 2
+        )  # a user error: exit status 2
         assert f"{weights} is damaged" in capsys.readouterr().err
         assert not (tmp_path / fmt).exists()
     with pytest.raises(RunLoadError, match=damaged):
