@@ -32,6 +32,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from mtlora.adapters.inject import check_targets
 from mtlora.config import validate_config
 from mtlora.config.reference import hydra_reference
+from mtlora.config.validate import build_optimization
 from mtlora.errors import ConfigError
 from mtlora.launch import spawn_workers
 from mtlora.models.loading import meta_model
@@ -61,6 +62,7 @@ def preflight(cfg: DictConfig) -> None:
             "`python -m mtlora.evaluate <the same overrides> out=DIR` (a run dir scripts/make_tables.py reads)"
         )
     validate_config(cfg, reference=hydra_reference())  # + unknown keys, non-boolean booleans
+    build_optimization(cfg)  # the optimizer and scheduler build (e.g. no unknown keyword)
     if cfg.model.get("arch") is not None:
         check_targets(meta_model(cfg.model), cfg.adapter)
     if "mmlu" in cfg.eval.get("suites", []) and cfg.eval.get("at_end", True):  # data before training
