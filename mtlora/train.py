@@ -78,7 +78,8 @@ def preflight(cfg: DictConfig) -> None:
 def check_machine(cfg: DictConfig) -> None:
     """What this machine must have for ``cfg`` (the preset itself is checked by :func:`preflight`): the
     requested device, never a silent fallback to the CPU."""
-    require_device(cfg.hardware.device, processes=int(cfg.hardware.get("num_processes") or 1))
+    hw = cfg.hardware
+    require_device(str(hw.get("device") or "cpu"), processes=int(hw.get("num_processes") or 1))
 
 
 DEFAULT_METRIC = "heldin/exact_match"
