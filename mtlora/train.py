@@ -60,6 +60,7 @@ def preflight(cfg: DictConfig) -> None:
     from mtlora.adapters.inject import check_targets
     from mtlora.config import validate_config
     from mtlora.config.reference import hydra_reference
+    from mtlora.config.validate import build_optimization
     from mtlora.models.loading import meta_model
 
     if cfg.adapter.get("method") == "none":  # a Base row (conf/experiment/<paper>/<table>/base.yaml)
@@ -68,6 +69,7 @@ def preflight(cfg: DictConfig) -> None:
             "`python -m mtlora.evaluate <the same overrides> out=DIR` (a run dir scripts/make_tables.py reads)"
         )
     validate_config(cfg, reference=hydra_reference())  # + unknown keys, non-boolean booleans
+    build_optimization(cfg)  # the optimizer and scheduler build (e.g. no unknown keyword)
     if cfg.model.get("arch") is not None:
         check_targets(meta_model(cfg.model), cfg.adapter)
     if "mmlu" in cfg.eval.get("suites", []) and cfg.eval.get("at_end", True):  # data before training
@@ -90,7 +92,8 @@ def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
 def check_machine(cfg: DictConfig) -> None:
     """What this machine must have for ``cfg`` (the preset itself is checked by :func:`preflight`): the
     requested device, never a silent fallback to the CPU."""
-    require_device(cfg.hardware.device, processes=int(cfg.hardware.get("num_processes") or 1))
+    hw = cfg.hardware
+    require_device(str(hw.get("device") or "cpu"), processes=int(hw.get("num_processes") or 1))
 
 
 DEFAULT_METRIC = "heldin/exact_match"

@@ -234,6 +234,49 @@ def _check_generation_suites(c: _Checker, suites) -> None:
                 c.errors.append(f"eval.mmlu.data_dir: {e}")
 
 
+def _check_optimization(c: _Checker) -> None:
+    """The usual optimizer keys (when present) and the scheduler name of ``transformers.get_scheduler``;
+    :func:`build_optimization` then builds both once, which checks every other keyword."""
+    if c.get("train.optimizer.weight_decay") is not _MISSING:
+        c.num("train.optimizer.weight_decay", 0)
+    if c.get("train.optimizer.eps") is not _MISSING:
+        c.num("train.optimizer.eps", 0, lo_open=True)
+    if c.get("train.optimizer.betas") is not _MISSING:
+        c.rule(
+            "train.optimizer.betas",
+            lambda v: (
+                isinstance(v, ListConfig) and len(v) == 2 and all(_num(0, 1, hi_open=True)(b) for b in v)
+            ),
+            "two numbers in [0, 1) (e.g. [0.9, 0.999])",
+        )
+    if str(c.get("train.scheduler._target_")) == "transformers.get_scheduler":
+        from transformers import SchedulerType
+
+        c.choice("train.scheduler.name", tuple(t.value for t in SchedulerType))
+
+
+def build_optimization(cfg: DictConfig) -> None:
+    """Build ``train.optimizer`` and ``train.scheduler`` once on a one-element parameter, so that a value the
+    rules above do not cover (a keyword of another optimizer class, a scheduler argument) fails before the
+    run dir is claimed, as a :class:`ConfigError` naming the group."""
+    import torch
+    from hydra.utils import instantiate
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    try:
+        opt = instantiate(cfg.train.optimizer)(params=[p])
+    except Exception as e:
+        raise ConfigError(
+            f"train.optimizer ({cfg.train.optimizer.get('_target_')}): {type(e).__name__}: {e}"
+        ) from e
+    try:
+        instantiate(cfg.train.scheduler)(optimizer=opt, num_warmup_steps=1, num_training_steps=10)
+    except Exception as e:
+        raise ConfigError(
+            f"train.scheduler ({cfg.train.scheduler.get('_target_')}): {type(e).__name__}: {e}"
+        ) from e
+
+
 def _check_hardware(c: _Checker, cfg: DictConfig) -> None:
     """Multi-node and DeepSpeed keys of the hardware group (conf/hardware/gpu*_zero*.yaml, cpu2_zero*.yaml,
     multinode.yaml)."""
@@ -500,6 +543,7 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
     c.rule("train.checkpoint_every", valid_every, EVERY)
     c.int_("train.keep_checkpoints", 1)
     c.num("train.optimizer.lr", 0, lo_open=True)
+    _check_optimization(c)
     c.num("train.loss_watchdog.factor", 1, lo_open=True)
     c.int_("train.loss_watchdog.patience", 1)
     if c.get("train.compile") is not _MISSING:  # regional compilation (mtlora.training.compile)

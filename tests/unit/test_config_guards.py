@@ -107,3 +107,29 @@ def test_an_alignment_loss_with_one_task_is_refused(alignment: str) -> None:
     with pytest.raises(ConfigError, match=rf"alignment={alignment}: .* has 1 task .*term would be 0"):
         validate_config(compose_train(over))
     validate_config(compose_train([f"alignment={alignment}", "data.select=[arithmetic,counting]"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.optimizer.weight_decay=-1", r"train.optimizer.weight_decay=-1: must be a number >= 0"),
+        (
+            "train.optimizer.betas=[2,0.999]",
+            r"train.optimizer.betas=\[2, 0.999\]: must be two numbers in \[0, 1\)",
+        ),
+        ("train.optimizer.eps=0", r"train.optimizer.eps=0: must be a number > 0"),
+        ("train.scheduler.name=bogus", r"train.scheduler.name='bogus': must be one of \['linear', 'cosine'"),
+        ("+train.optimizer.foo=1", r"train.optimizer \(torch.optim.AdamW\): TypeError: .*foo"),
+        (
+            "+train.scheduler.scheduler_specific_kwargs={bad: 1}",
+            r"train.scheduler \(transformers.get_scheduler\)",
+        ),
+    ],
+)
+def test_optimizer_and_scheduler_values_fail_before_the_run_dir_is_claimed(
+    tmp_path, override, message
+) -> None:
+    cfg = compose_train(["debug=smoke", "eval=none", override], run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
