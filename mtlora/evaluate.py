@@ -28,7 +28,6 @@ Earlier results are kept: when ``out`` (or the run dir) already holds outputs of
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -39,7 +38,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.errors import ConfigError
 from mtlora.run.rundir import check_output_dir
-from mtlora.utils.io import atomic_write_text
 from mtlora.utils.logging import console_logging
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
@@ -59,19 +57,6 @@ NO_OUTPUT_OVERRIDES = {
 #: our own options, taken off the command line before Hydra sees it
 OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device", "trust_remote_code")
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _write_heldin(result: dict, out: Path) -> None:
-    from mtlora.run.metrics import markdown_table
-
-    (out / "metrics").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics" / "eval_heldin.json", json.dumps(result, indent=2))
-    table = [{"task": t, **m} for t, m in result["tasks"].items()]
-    table += [{"task": "macro", **result["macro"]}, {"task": "micro", **result["micro"]}]
-    atomic_write_text(
-        out / "metrics" / "eval_heldin.md",
-        markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n",
-    )
 
 
 def _start_base_run(cfg: DictConfig, out: Path) -> None:
@@ -123,7 +108,7 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     import torch
 
     from mtlora.eval.bbh_suite import run_bbh, summary_line
-    from mtlora.eval.outputs import keep_earlier_results
+    from mtlora.eval.outputs import keep_earlier_results, write_heldin
 
     datasets.disable_progress_bars()  # map/filter bars of the data build; the generation bar stays
 
@@ -184,7 +169,7 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
             model, data, int(cfg.eval.batch_size), cfg.eval.get("max_examples_per_task"), device
         )
         results["heldin"] = {"suite": "heldin", **r}
-        _write_heldin(results["heldin"], out)
+        write_heldin(results["heldin"], out)
         log.info("held-out eval: macro exact match %.4f", r["macro"]["exact_match"])
     if "bbh" in suites:
         r = run_bbh(model, tokenizer, cfg.eval.bbh, out, task_names=task_names)

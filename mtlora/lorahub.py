@@ -374,10 +374,11 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
     import datasets
 
     from mtlora.eval.heldin import evaluate_heldin
+    from mtlora.eval.outputs import write_heldin
     from mtlora.models import count_parameters
     from mtlora.run.base_model import base_parameters, fingerprint, save_base_model
     from mtlora.run.meta import write_meta
-    from mtlora.run.metrics import JsonlLog, markdown_table, write_csv
+    from mtlora.run.metrics import JsonlLog, write_csv
     from mtlora.run.tracker import start_tracker
     from mtlora.training.loop import build_model_and_data, generation_suites_at_end
 
@@ -505,10 +506,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
             JsonlLog(run_dir, "eval").write(final)
             table = [{"task": t, **m} for t, m in final["tasks"].items()]
             write_csv(metrics / "per_task.csv", [{"step": 0, **r} for r in table])
-            table += [{"task": "macro", **final["macro"]}, {"task": "micro", **final["micro"]}]
-            md = markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"])
-            atomic_write_text(metrics / "eval_heldin.json", json.dumps(final, indent=2))
-            atomic_write_text(metrics / "eval_heldin.md", md + "\n")
+            md = write_heldin(final, run_dir)
             log.info("held-out eval of the composed LoRA:\n%s", md)
             tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
         tracker.summary(

@@ -8,8 +8,25 @@ import json
 import shutil
 from pathlib import Path
 
+from mtlora.run.layout import EARLIER_EVALS, RunLayout
 from mtlora.run.metrics import markdown_table, write_csv
 from mtlora.utils.io import atomic_write_text
+
+#: the columns of the held-in (teacher-forced) table
+HELDIN_COLUMNS = ["task", "n", "loss", "token_acc", "exact_match"]
+
+
+def write_heldin(result: dict, out_dir: Path) -> str:
+    """``metrics/eval_heldin.json`` and ``.md`` (per-task rows, then ``macro`` and ``micro``) of a held-in
+    result; returns the markdown table. Training, LoraHub and ``mtlora.evaluate`` all write it here."""
+    layout = RunLayout(out_dir)
+    layout.metrics.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.suite("heldin"), json.dumps(result, indent=2))
+    table = [{"task": t, **m} for t, m in result["tasks"].items()]
+    table += [{"task": "macro", **result["macro"]}, {"task": "micro", **result["micro"]}]
+    md = markdown_table(table, HELDIN_COLUMNS)
+    atomic_write_text(layout.suite("heldin", "md"), md + "\n")
+    return md
 
 
 def write_suite_outputs(
@@ -17,10 +34,9 @@ def write_suite_outputs(
 ) -> None:
     """``metrics/eval_<name>.{json,csv,md}`` (per-task rows, then ``macro`` and ``micro``) and
     ``predictions/<name>/<task>.jsonl``."""
-    out_dir = Path(out_dir)
-    mdir = out_dir / "metrics"
-    mdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(mdir / f"eval_{name}.json", json.dumps(result, indent=2))
+    layout = RunLayout(out_dir)
+    layout.metrics.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(layout.suite(name), json.dumps(result, indent=2))
     rows = [{"task": t, **m} for t, m in result["tasks"].items()]
     for agg in ("macro", "micro"):  # n = all rows, as in the BBH tables
         rows.append(
@@ -28,14 +44,14 @@ def write_suite_outputs(
         )
     rows += [{"task": g, **m} for g, m in result.get("groups", {}).items()]  # e.g. MMLU categories
     table = [{c: r.get(c, "") for c in cols} for r in rows]
-    write_csv(mdir / f"eval_{name}.csv", table)
-    atomic_write_text(mdir / f"eval_{name}.md", note + "\n\n" + markdown_table(table, cols) + "\n")
+    write_csv(layout.suite(name, "csv"), table)
+    atomic_write_text(layout.suite(name, "md"), note + "\n\n" + markdown_table(table, cols) + "\n")
     write_predictions(name, preds, out_dir)
 
 
 def write_predictions(name: str, preds: dict[str, list[dict]], out_dir: Path) -> Path:
     """``predictions/<name>/<task>.jsonl``, one JSON line per example."""
-    pdir = Path(out_dir) / "predictions" / name
+    pdir = RunLayout(out_dir).suite_predictions(name)
     pdir.mkdir(parents=True, exist_ok=True)
     for task, lines in preds.items():
         atomic_write_text(pdir / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
@@ -43,14 +59,14 @@ def write_predictions(name: str, preds: dict[str, list[dict]], out_dir: Path) ->
 
 
 #: where :func:`keep_earlier_results` moves earlier outputs, under the evaluated dir
-EARLIER_DIR = "earlier_evals"
+EARLIER_DIR = EARLIER_EVALS
 
 
 def suite_files(out_dir: Path, name: str) -> list[Path]:
     """The existing outputs of suite ``name`` in ``out_dir``: ``metrics/eval_<name>.*`` and ``predictions/<name>/``."""
-    out_dir = Path(out_dir)
-    files = sorted((out_dir / "metrics").glob(f"eval_{name}.*"))
-    pdir = out_dir / "predictions" / name
+    layout = RunLayout(out_dir)
+    files = sorted(layout.metrics.glob(f"eval_{name}.*"))
+    pdir = layout.suite_predictions(name)
     return files + ([pdir] if pdir.is_dir() else [])
 
 
@@ -64,7 +80,7 @@ def keep_earlier_results(out_dir: Path, names: list[str]) -> list[Path]:
         paths = suite_files(out_dir, name)
         if not paths:
             continue
-        ref = out_dir / "metrics" / f"eval_{name}.json"
+        ref = RunLayout(out_dir).suite(name)
         stamp = dt.datetime.fromtimestamp((ref if ref.exists() else paths[0]).stat().st_mtime)
         dest_root = out_dir / EARLIER_DIR / stamp.strftime("%Y-%m-%d_%H-%M-%S")
         for p in paths:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlora.run.layout import OWN_SUBDIRS
 from mtlora.utils.dist import pid_alive
 from mtlora.utils.io import atomic_write_text
 
@@ -30,8 +31,6 @@ MARKERS = ("RUNNING", "COMPLETED", "FAILED")
 
 #: files that make a directory a run dir (any one of them)
 RUN_DIR_FILES = (RESOLVED_CONFIG, *MARKERS, "meta.json")
-#: a run's own artifacts: no command writes its outputs into them
-OWN_SUBDIRS = ("adapter", "base_model", "checkpoints", ".hydra")
 
 
 def is_run_dir(path: Path) -> bool:

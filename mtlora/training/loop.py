@@ -34,6 +34,7 @@ from mtlora.errors import ConfigError
 from mtlora.eval.bbh_suite import run_bbh
 from mtlora.eval.bbh_suite import summary_line as bbh_summary_line
 from mtlora.eval.heldin import evaluate_heldin
+from mtlora.eval.outputs import HELDIN_COLUMNS, write_heldin
 from mtlora.models import build_model, build_tokenizer, count_parameters
 from mtlora.run.base_model import MAX_SAVED_PARAMS, save_base_model
 from mtlora.run.meta import write_meta
@@ -62,7 +63,6 @@ from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
 from mtlora.utils.dist import launched_as_worker, require_device
-from mtlora.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def _evaluate(cfg, acc, inner, data, eval_log: JsonlLog, tracker: Tracker, step:
             log.info(
                 "held-out eval at step %d:\n%s",
                 step,
-                markdown_table(rows, ["task", "n", "loss", "token_acc", "exact_match"]),
+                markdown_table(rows, HELDIN_COLUMNS),
             )
         else:
             log.info("held-out eval at step %d: %s", step, heldin_line(result))
@@ -522,15 +522,7 @@ def _write_outputs(
     if rows:
         write_csv(run_dir / "metrics" / "per_task.csv", rows)
     if final:
-        import json
-
-        atomic_write_text(run_dir / "metrics" / "eval_heldin.json", json.dumps(final, indent=2))
-        table = [{"task": t, **m} for t, m in final["tasks"].items()]
-        table += [{"task": "macro", **final["macro"]}, {"task": "micro", **final["micro"]}]
-        atomic_write_text(
-            run_dir / "metrics" / "eval_heldin.md",
-            markdown_table(table, ["task", "n", "loss", "token_acc", "exact_match"]) + "\n",
-        )
+        write_heldin(final, run_dir)
         tracker.summary({f"final/{k}": v for k, v in final["macro"].items()})
     train = train_log.read()
     if cfg.logger.name == "csv" and train:
