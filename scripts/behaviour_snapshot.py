@@ -118,9 +118,10 @@ def series(work: Path, steps: int, default_steps: int) -> dict[str, Any]:
     checker = ph.Checker(work / "lorahub", steps=steps)
     p = ph.plan(LORAHUB_PRESET, steps=steps)
     row = checker._check_lorahub(p, ph.Row(LORAHUB_PRESET, p.method, p.alignment, ""))
-    name, res, _ = next(iter(checker.compositions.values()))
+    name, res, stats = next(iter(checker.compositions.values()))
     snap[f"experiment={LORAHUB_PRESET}"] = {
         "verdict": row.verdict,
+        "error": stats.error,
         "objective": [e["loss"] for e in res["evaluations"]] if res else None,
         "ce": res.get("ce") if res else None,
         "ce_at_zero": res.get("ce_at_zero") if res else None,
