@@ -188,8 +188,8 @@ def _check_bbh(c: _Checker) -> None:
 
 def _check_generation_suites(c: _Checker, suites) -> None:
     """``eval.heldin_gen`` / ``eval.mmlu`` (mtlora.eval.heldin_gen, mtlora.eval.mmlu) and the tasks' metrics."""
-    from mtlora.eval.metrics import METRICS
     from mtlora.eval.mmlu import SUBJECTS, mmlu_dir
+    from mtlora.eval.scoring import METRICS
 
     if "heldin_gen" in suites:
         for k in ("max_new_tokens", "batch_tokens"):

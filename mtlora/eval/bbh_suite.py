@@ -47,8 +47,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlora.errors import ConfigError
 from mtlora.eval import bbh
-from mtlora.eval.generate import MODEL_LENGTH_ATTRS, greedy_generate, model_max_length, needs_task_ids
+from mtlora.eval.generate import MODEL_LENGTH_ATTRS, greedy_generate, model_max_length
 from mtlora.eval.outputs import write_suite_outputs
+from mtlora.eval.settings import resolve_task_id
 
 log = logging.getLogger(__name__)
 
@@ -154,31 +155,6 @@ def check_room(bbh_cfg: DictConfig | dict | None, model_cfg: DictConfig | None) 
             length = model_max_length(config)
     if length is not None:
         input_limit(s, length)
-
-
-def resolve_task_id(model: torch.nn.Module, task_id, task_names: Sequence[str] | None) -> int | None:
-    """The documented task-id policy for unseen BBH tasks (see the module doc)."""
-    if not needs_task_ids(model):
-        return None
-    if task_id is None:
-        raise ConfigError(
-            "eval.bbh.task_id=null: the adapter is task-aware and BBH tasks were not trained on; set "
-            f"eval.bbh.task_id to a training task id or name (training tasks: {list(task_names or [])})"
-        )
-    if isinstance(task_id, bool):
-        raise ConfigError(f"eval.bbh.task_id={task_id!r}: must be an int or a training task name")
-    if isinstance(task_id, str):
-        if not task_names or task_id not in task_names:
-            raise ConfigError(
-                f"eval.bbh.task_id={task_id!r}: not a training task; choose from {list(task_names or [])}"
-            )
-        return list(task_names).index(task_id)
-    n = len(task_names) if task_names else None
-    if not isinstance(task_id, int) or task_id < 0 or (n is not None and task_id >= n):
-        raise ConfigError(
-            f"eval.bbh.task_id={task_id!r}: must be a task id in [0, {n}) or a training task name"
-        )
-    return task_id
 
 
 def run_bbh(

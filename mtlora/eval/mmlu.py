@@ -38,10 +38,10 @@ import torch
 from omegaconf import DictConfig
 
 from mtlora.errors import ConfigError, DataError
-from mtlora.eval.bbh_suite import resolve_task_id
 from mtlora.eval.generate import greedy_generate
-from mtlora.eval.heldin_gen import _summary, resolve_settings
 from mtlora.eval.outputs import write_suite_outputs
+from mtlora.eval.scoring import summarize
+from mtlora.eval.settings import resolve_settings, resolve_task_id
 from mtlora.utils.paths import default_data_dir
 
 SUITE = "mmlu"
@@ -213,10 +213,7 @@ def run_mmlu(
     s = resolve_settings(mmlu_cfg, DEFAULTS, "eval.mmlu")
     subjects = list(SUBJECTS) if s["subjects"] is None else list(s["subjects"])
     root = mmlu_dir(s["data_dir"])  # fails before any generation
-    try:
-        task_id = resolve_task_id(model, s["task_id"], task_names)
-    except ConfigError as e:  # the shared policy's message names the BBH key
-        raise ConfigError(str(e).replace("eval.bbh.", "eval.mmlu.")) from None
+    task_id = resolve_task_id(model, s["task_id"], task_names, "eval.mmlu")
     items = []
     for subject in subjects:
         dev, test = load_subject(subject, s["data_dir"])
@@ -254,9 +251,12 @@ def run_mmlu(
                 "correct": bool(ok),
             }
         )
-    summary = _summary({x: {"category": CATEGORY_OF[x]} for x in subjects}, scores)
-    summary["macro"]["label"] = "unweighted mean of per-subject accuracies"
-    summary["micro"]["label"] = "pooled accuracy over all questions (mtLoRA's overall accuracy)"
+    summary = summarize(
+        {x: {"category": CATEGORY_OF[x]} for x in subjects},
+        scores,
+        "unweighted mean of per-subject accuracies",
+        "pooled accuracy over all questions (mtLoRA's overall accuracy)",
+    )
     groups = {}
     for cat, subs in CATEGORIES.items():
         accs = [summary["tasks"][x]["accuracy"] for x in subjects if x in subs]

@@ -1,4 +1,5 @@
-"""Answer metrics of the generation suites, chosen per task by ``eval.metric`` in ``conf/data/task/*.yaml``.
+"""Scoring of the generation suites: the answer metric of each task (``eval.metric`` in
+``conf/data/task/*.yaml``) and the per-task / macro / micro summary of the scored rows (:func:`summarize`).
 
 Each metric reads an answer out of the generation and out of the target with the *same* rule, so a
 chain-of-thought target ("... So the answer is (C).") and a bare target (" 72") are handled alike:
@@ -25,6 +26,8 @@ from __future__ import annotations
 import functools
 import re
 from decimal import Decimal, InvalidOperation
+
+from omegaconf import DictConfig, OmegaConf
 
 from mtlora.errors import ConfigError
 from mtlora.eval.bbh import _align_option
@@ -127,3 +130,47 @@ def score(metric: str, prediction: str, target: str) -> tuple[bool, float]:
         return normalize(prediction) == normalize(target), rouge_l(prediction, target)
     ok = {"exact": exact_match, "option": option_match, "number": number_match}[metric](prediction, target)
     return ok, float(ok)
+
+
+def task_metrics(data_cfg: DictConfig, task_names: list[str]) -> dict[str, str]:
+    """``data.tasks.<task>.eval.metric`` of every task (``exact`` when missing), checked."""
+    out = {}
+    for name in task_names:
+        m = OmegaConf.select(data_cfg, f"tasks.{name}.eval.metric", default=None)
+        out[name] = check_metric(m, f"data.tasks.{name}.eval.metric")
+    return out
+
+
+def summarize(
+    per_task: dict[str, dict], scores: dict[str, list[tuple[bool, float]]], macro_label: str, micro_label: str
+) -> dict:
+    """Per-task ``n``, ``correct``, ``accuracy`` = correct / n and ``score`` = mean value (merged over the
+    entries of ``per_task``), then ``macro`` (unweighted mean over tasks) and ``micro`` (pooled over rows)."""
+    tasks = {}
+    for name, rows in scores.items():
+        n = len(rows)
+        c = sum(ok for ok, _ in rows)
+        tasks[name] = {
+            **per_task[name],
+            "n": n,
+            "correct": c,
+            "accuracy": c / n if n else 0.0,
+            "score": sum(v for _, v in rows) / n if n else 0.0,
+        }
+    n = sum(t["n"] for t in tasks.values())
+    k = max(len(tasks), 1)
+    return {
+        "tasks": tasks,
+        "macro": {
+            "score": sum(t["score"] for t in tasks.values()) / k,
+            "accuracy": sum(t["accuracy"] for t in tasks.values()) / k,
+            "n_tasks": len(tasks),
+            "label": macro_label,
+        },
+        "micro": {
+            "score": sum(v for rows in scores.values() for _, v in rows) / max(n, 1),
+            "accuracy": sum(t["correct"] for t in tasks.values()) / max(n, 1),
+            "n": n,
+            "label": micro_label,
+        },
+    }
