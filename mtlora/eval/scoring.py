@@ -7,7 +7,7 @@ chain-of-thought target ("... So the answer is (C).") and a bare target (" 72") 
 ``exact``    :func:`final_answer`, then :func:`normalize` (casefold, whitespace runs -> one space, strip,
              one trailing ``.`` dropped); equal strings. The default when a task sets no ``eval.metric``.
 ``option``   :func:`option_letter` of the final answer: the last ``(X)``, else the last lone capital letter
-             (Align-LoRA's rule, :func:`mtlora.eval.bbh._align_option`), so "(A)", "A", "Answer: A" and
+             (Align-LoRA's rule, :func:`mtlora.eval.bbh.extraction.align_option`), so "(A)", "A", "Answer: A" and
              "So the answer is (A)." all read ``A``; no letter never matches.
 ``number``   :func:`last_number` of the final answer: thousands separators dropped ("1,000" = "1000"),
              compared as decimals ("72.0" = "72"); no number never matches.
@@ -30,7 +30,7 @@ from decimal import Decimal, InvalidOperation
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.errors import ConfigError
-from mtlora.eval.bbh import _align_option
+from mtlora.eval.bbh.extraction import align_option
 
 METRICS = ("exact", "option", "number", "rouge_l")
 DEFAULT_METRIC = "exact"
@@ -68,7 +68,7 @@ def normalize(text: str) -> str:
 
 def option_letter(text: str) -> str | None:
     """The option letter of ``text``'s final answer (see the module doc), or None."""
-    m = _LETTER.match(_align_option(final_answer(text)))
+    m = _LETTER.match(align_option(final_answer(text)))
     return m.group(1) if m else None
 
 
