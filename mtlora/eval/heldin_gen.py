@@ -29,15 +29,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from mtlora.errors import ConfigError
 from mtlora.eval import scoring
-from mtlora.eval.generate import greedy_generate
 from mtlora.eval.outputs import write_suite_outputs
 from mtlora.eval.settings import resolve_settings
+from mtlora.eval.suites import GENERATION, Suite, SuiteContext, register
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,9 @@ def run_heldin_gen(
             items.append(
                 {"task": name, "task_id": t, "index": i, "prompt": row["prompt"], "target": row["target"]}
             )
-    gens = greedy_generate(
+    from mtlora.eval import generate
+
+    gens = generate.greedy_generate(
         model,
         tokenizer,
         [it["prompt"] for it in items],
@@ -133,43 +138,13 @@ def summary_line(result: dict) -> str:
     )
 
 
-def run_generation_suites(
-    eval_cfg: DictConfig,
-    run_cfg: DictConfig,
-    model: torch.nn.Module,
-    tokenizer,
-    out_dir: Path,
-    data=None,
-    task_names: list[str] | None = None,
-    tracker=None,
-    step: int | None = None,
-) -> dict:
-    """The ``heldin_gen`` and ``mmlu`` suites of ``eval_cfg.suites`` (for ``mtlora.evaluate`` and the end of
-    training). ``data``: the run's ``MultiTaskData`` (built from ``run_cfg.data`` when None)."""
-    results: dict = {}
-    suites = list(eval_cfg.suites)
-    if SUITE in suites:
-        if data is None:
-            from mtlora.data import build_data
+def _run(ctx: SuiteContext) -> dict:
+    data = ctx.held_out()
+    r = run_heldin_gen(ctx.model, ctx.tokenizer, data, ctx.run_cfg.data, ctx.eval_cfg.get(SUITE), ctx.out_dir)
+    ctx.report(
+        SUITE, summary_line(r), {f"{SUITE}/macro": r["macro"]["score"], f"{SUITE}/micro": r["micro"]["score"]}
+    )
+    return r
 
-            data = build_data(run_cfg.data, tokenizer, int(run_cfg.model.max_seq_len))
-        results[SUITE] = run_heldin_gen(model, tokenizer, data, run_cfg.data, eval_cfg.get(SUITE), out_dir)
-    if "mmlu" in suites:
-        from mtlora.eval.mmlu import run_mmlu
 
-        names = task_names if task_names is not None else (data.task_names if data is not None else None)
-        results["mmlu"] = run_mmlu(model, tokenizer, eval_cfg.get("mmlu"), out_dir, task_names=names)
-    for name, r in results.items():
-        if name == SUITE:
-            line = summary_line(r)
-        else:
-            from mtlora.eval.mmlu import summary_line as mmlu_line
-
-            line = mmlu_line(r)
-        log.info("%s (tables in metrics/eval_%s.md)", line, name)
-        print(line, flush=True)
-        if tracker is not None:
-            vals = {f"{name}/macro": r["macro"]["score"], f"{name}/micro": r["micro"]["score"]}
-            tracker.log({f"eval/{k}": v for k, v in vals.items()}, step)
-            tracker.summary({f"final/{k}": v for k, v in vals.items()})
-    return results
+EVAL_SUITE = register(Suite(SUITE, GENERATION, _run, needs=frozenset({"data", "tokenizer"})))

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from mtlora.eval import scoring
-from mtlora.eval.generate import greedy_generate
 from mtlora.eval.outputs import write_predictions
 from mtlora.eval.settings import resolve_settings
+from mtlora.eval.suites import GENERATION, Suite, SuiteContext, register
+from mtlora.run.layout import RunLayout
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,9 @@ def write_heldin_samples(
     ]
     if not items:
         return {}
-    gens = greedy_generate(
+    from mtlora.eval import generate
+
+    gens = generate.greedy_generate(
         model,
         tokenizer,
         [it["prompt"] for it in items],
@@ -81,6 +87,19 @@ def write_heldin_samples(
         "held-in samples: %d of %d greedy generations correct, in %s",
         n_ok,
         len(items),
-        Path(out_dir) / "predictions" / NAME,
+        RunLayout(out_dir).suite_predictions(NAME),
     )
     return preds
+
+
+def _run(ctx: SuiteContext) -> None:
+    data = ctx.held_out()
+    write_heldin_samples(
+        ctx.model, ctx.tokenizer, data, ctx.run_cfg.data, ctx.eval_cfg.get("samples"), ctx.out_dir
+    )
+
+
+#: not listed in ``eval.suites``: every run ends with it unless ``eval.samples`` is null (``per_task: 0`` writes none)
+EVAL_SUITE = register(
+    Suite(NAME, GENERATION, _run, needs=frozenset({"data", "tokenizer"}), tables=(), switch="samples")
+)

@@ -13,7 +13,7 @@ import torch
 
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError, DataError
-from mtlora.eval import heldin_gen, mmlu, scoring
+from mtlora.eval import generate, heldin_gen, mmlu, scoring
 from mtlora.evaluate import evaluate
 from mtlora.load import load_run
 from mtlora.models import build_model, build_tokenizer
@@ -106,13 +106,14 @@ def test_heldin_gen_standalone_outputs_and_scores(tmp_path: Path) -> None:
 
 def test_end_of_training_hook_passes_task_ids(tmp_path: Path, monkeypatch) -> None:
     seen: dict = {}
-    real = heldin_gen.greedy_generate
+    real = generate.greedy_generate
 
     def spy(model, tok, prompts, max_new_tokens, **kw):
-        seen["prompts"], seen["task_ids"] = list(prompts), kw["task_ids"]
+        if kw.get("desc") == "heldin_gen":  # not the held-in samples generated before it
+            seen["prompts"], seen["task_ids"] = list(prompts), kw["task_ids"]
         return real(model, tok, prompts, max_new_tokens, **kw)
 
-    monkeypatch.setattr(heldin_gen, "greedy_generate", spy)
+    monkeypatch.setattr(generate, "greedy_generate", spy)
     over = [
         *BASE,
         "adapter=mtl_lora",
@@ -213,7 +214,7 @@ def test_mmlu_prompt_scoring_and_outputs(tmp_path: Path, monkeypatch) -> None:
         seen["prompts"], seen["task_ids"] = list(prompts), kw["task_ids"]
         return [" B\n"] * len(prompts)
 
-    monkeypatch.setattr(mmlu, "greedy_generate", fake)
+    monkeypatch.setattr(generate, "greedy_generate", fake)
     m = mmlu.run_mmlu(
         torch.nn.Linear(1, 1), None, {"data_dir": str(root), "subjects": list(SUBJ)}, tmp_path, progress=False
     )
