@@ -99,7 +99,7 @@ def _run(ctx: SuiteContext) -> None:
     )
 
 
-#: not listed in ``eval.suites``: every run ends with it unless ``eval.samples`` is null (``per_task: 0`` writes none)
+#: not listed in ``eval.suites``: a run ends with it unless ``eval.samples`` is null (``per_task: 0``: none)
 EVAL_SUITE = register(
     Suite(NAME, GENERATION, _run, needs=frozenset({"data", "tokenizer"}), tables=(), switch="samples")
 )

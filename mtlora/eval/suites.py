@@ -81,7 +81,7 @@ class SuiteContext:
     def report(self, key: str, line: str, values: dict[str, float] | None = None) -> None:
         """Log and print a suite's summary ``line``; ``values`` (``<key>/macro``, ...) go to the tracker as
         ``eval/...`` at ``step`` and as ``final/...`` in its summary."""
-        log.info("%s (tables in metrics/eval_%s.md)", line, key)
+        log.info("%s (tables in %s)", line, self.layout.suite(key, "md").relative_to(self.layout.root))
         print(line, flush=True)
         if self.tracker is not None and values:
             self.tracker.log({f"eval/{k}": v for k, v in values.items()}, self.step)
