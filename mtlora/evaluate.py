@@ -10,9 +10,10 @@ Usage::
     python -m mtlora.evaluate adapter=none model=qwen2.5-7b eval=bbh out=DIR   # base-model baseline
     python -m mtlora.evaluate experiment=hydralora/t3/base out=DIR            # a paper table's Base row
 
-Suites: ``heldin`` (teacher-forced held-out rows of the run's training tasks, or of ``data=`` for the
-base model; writes ``metrics/eval_heldin.json`` / ``.md``), ``bbh`` (:mod:`mtlora.eval.bbh_suite`), ``heldin_gen`` and ``mmlu``
-(:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
+Suites: those of the registry :mod:`mtlora.eval.suites` (:data:`SUITES`), run by its
+:func:`~mtlora.eval.suites.run_suites`: ``heldin`` (teacher-forced held-out rows of the run's training tasks, or of
+``data=`` for the base model; writes ``metrics/eval_heldin.json`` / ``.md``), ``bbh`` (:mod:`mtlora.eval.bbh_suite`),
+``heldin_gen`` and ``mmlu`` (:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
 Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
 ``device=cpu|cuda``, ``adapter=none``, ``trust_remote_code=true`` (needed to load a run whose config enables
 remote code: :func:`mtlora.load.guard_remote_code`). Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
@@ -37,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.errors import ConfigError
+from mtlora.eval.suites import SuiteContext, check_suites, output_names, run_suites, suite_names
 from mtlora.run.rundir import check_output_dir
 from mtlora.utils.logging import console_logging
 from mtlora.utils.paths import CONFIG_PATH
@@ -45,7 +47,8 @@ from mtlora.utils.resolvers import register_resolvers
 register_resolvers()
 log = logging.getLogger("mtlora.evaluate")
 
-SUITES = ("heldin", "bbh", "heldin_gen", "mmlu")
+#: the suites ``eval.suites`` may list (the built-in ones of :mod:`mtlora.eval.suites`)
+SUITES = suite_names()
 #: see mtlora.count: evaluating writes no Hydra output
 NO_OUTPUT_OVERRIDES = {
     "hydra.run.dir": ".",
@@ -107,17 +110,11 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     import datasets
     import torch
 
-    from mtlora.eval.bbh_suite import run_bbh, summary_line
-    from mtlora.eval.outputs import keep_earlier_results, write_heldin
+    from mtlora.eval.outputs import keep_earlier_results
 
     datasets.disable_progress_bars()  # map/filter bars of the data build; the generation bar stays
 
-    suites = list(cfg.eval.suites)
-    unknown = [s for s in suites if s not in SUITES]
-    if not suites or unknown:
-        raise ConfigError(
-            f"eval.suites={suites}: must be a non-empty list drawn from {list(SUITES)} (e.g. eval=bbh)"
-        )
+    suites = check_suites(cfg.eval.suites)  # one-line ConfigError naming eval.suites
     if opts.get("device"):
         from mtlora.utils.dist import require_device
 
@@ -150,47 +147,15 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
         run_cfg, task_names, out = cfg, None, Path(opts["out"])
     else:
         raise ConfigError("give run_dir=<run dir> (a trained run) or adapter=none model=<preset> out=DIR")
-    kept = keep_earlier_results(out, _output_names(cfg, suites))
+    kept = keep_earlier_results(out, output_names(suites, cfg.eval))
     if kept:
         log.info(
             "earlier results kept in %s", sorted({str(Path(*p.relative_to(out).parts[:2])) for p in kept})
         )
-    results: dict = {}
-    if "heldin" in suites:
-        from mtlora.data import build_data
-        from mtlora.eval.heldin import evaluate_heldin
-
-        if getattr(model, "adapter_context", None) is None:
-            from mtlora.adapters import AdapterContext
-
-            object.__setattr__(model, "adapter_context", AdapterContext())  # heldin sets task ids on it
-        data = build_data(run_cfg.data, tokenizer, int(run_cfg.model.max_seq_len))
-        r = evaluate_heldin(
-            model, data, int(cfg.eval.batch_size), cfg.eval.get("max_examples_per_task"), device
-        )
-        results["heldin"] = {"suite": "heldin", **r}
-        write_heldin(results["heldin"], out)
-        log.info("held-out eval: macro exact match %.4f", r["macro"]["exact_match"])
-    if "bbh" in suites:
-        r = run_bbh(model, tokenizer, cfg.eval.bbh, out, task_names=task_names)
-        results["bbh"] = r
-        log.info("%s", summary_line(r))
-        print(summary_line(r), flush=True)
-    if {"heldin_gen", "mmlu"} & set(suites):  # mtlora.eval.heldin_gen / mtlora.eval.mmlu
-        from mtlora.eval.heldin_gen import run_generation_suites
-
-        results.update(run_generation_suites(cfg.eval, run_cfg, model, tokenizer, out, task_names=task_names))
+    context = SuiteContext(cfg.eval, run_cfg, model, tokenizer, out, device=device, task_names=task_names)
+    results = run_suites(suites, context)
     print(f"eval outputs written to {out}", flush=True)
     return results
-
-
-def _output_names(cfg: DictConfig, suites: list[str]) -> list[str]:
-    """The output names (``metrics/eval_<name>.*``, ``predictions/<name>/``) of ``suites``."""
-    from mtlora.eval.bbh_suite import resolve_settings, suite_name
-
-    return [
-        suite_name(resolve_settings(cfg.eval.get("bbh"))["protocol"]) if s == "bbh" else s for s in suites
-    ]
 
 
 _OPTS: dict = {}

@@ -26,6 +26,7 @@ from mtlora.data.packing import packing_conflicts
 from mtlora.data.sources import SOURCE_TYPES
 from mtlora.diagnostics.config import check_diagnostics_config, check_diagnostics_hardware
 from mtlora.errors import ConfigError
+from mtlora.eval.suites import suite_names
 from mtlora.models.loading import DTYPES
 from mtlora.run.schedule import valid_every
 from mtlora.run.tracker import tracker_name
@@ -35,7 +36,7 @@ from mtlora.training.loss import LOSS_IMPLS
 from mtlora.training.meta import MetaLearner
 
 ALIGNMENTS = ("none", "kl", "mmd")
-EVAL_SUITES = ("heldin", "bbh", "heldin_gen", "mmlu")
+EVAL_SUITES = suite_names()  # the registry of evaluation suites (mtlora.eval.suites)
 LOGGERS = ("none", "csv", "wandb", "wandb_offline", "tensorboard", "mlflow")
 _MISSING = object()
 EVERY = "an integer >= 1, 'auto' (every 10% of the steps) or null (never)"
@@ -188,8 +189,8 @@ def _check_bbh(c: _Checker) -> None:
 
 def _check_generation_suites(c: _Checker, suites) -> None:
     """``eval.heldin_gen`` / ``eval.mmlu`` (mtlora.eval.heldin_gen, mtlora.eval.mmlu) and the tasks' metrics."""
-    from mtlora.eval.metrics import METRICS
     from mtlora.eval.mmlu import SUBJECTS, mmlu_dir
+    from mtlora.eval.scoring import METRICS
 
     if "heldin_gen" in suites:
         for k in ("max_new_tokens", "batch_tokens"):

@@ -41,14 +41,18 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.errors import ConfigError
 from mtlora.eval import bbh
-from mtlora.eval.generate import MODEL_LENGTH_ATTRS, greedy_generate, model_max_length, needs_task_ids
 from mtlora.eval.outputs import write_suite_outputs
+from mtlora.eval.settings import resolve_task_id
+from mtlora.eval.suites import GENERATION, Suite, SuiteContext, register
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,7 @@ def check_room(bbh_cfg: DictConfig | dict | None, model_cfg: DictConfig | None) 
         return
     length = s["model_max_length"]
     if length is None and model_cfg is not None and model_cfg.get("init") == "random":
+        from mtlora.eval.generate import MODEL_LENGTH_ATTRS, model_max_length
         from mtlora.models.loading import arch_config
 
         config = arch_config(model_cfg)
@@ -154,31 +159,6 @@ def check_room(bbh_cfg: DictConfig | dict | None, model_cfg: DictConfig | None) 
             length = model_max_length(config)
     if length is not None:
         input_limit(s, length)
-
-
-def resolve_task_id(model: torch.nn.Module, task_id, task_names: Sequence[str] | None) -> int | None:
-    """The documented task-id policy for unseen BBH tasks (see the module doc)."""
-    if not needs_task_ids(model):
-        return None
-    if task_id is None:
-        raise ConfigError(
-            "eval.bbh.task_id=null: the adapter is task-aware and BBH tasks were not trained on; set "
-            f"eval.bbh.task_id to a training task id or name (training tasks: {list(task_names or [])})"
-        )
-    if isinstance(task_id, bool):
-        raise ConfigError(f"eval.bbh.task_id={task_id!r}: must be an int or a training task name")
-    if isinstance(task_id, str):
-        if not task_names or task_id not in task_names:
-            raise ConfigError(
-                f"eval.bbh.task_id={task_id!r}: not a training task; choose from {list(task_names or [])}"
-            )
-        return list(task_names).index(task_id)
-    n = len(task_names) if task_names else None
-    if not isinstance(task_id, int) or task_id < 0 or (n is not None and task_id >= n):
-        raise ConfigError(
-            f"eval.bbh.task_id={task_id!r}: must be a task id in [0, {n}) or a training task name"
-        )
-    return task_id
 
 
 def run_bbh(
@@ -190,11 +170,13 @@ def run_bbh(
     progress: bool = True,
 ) -> dict:
     """Generate, score and write one BBH protocol; returns the metrics dict written to the JSON file."""
+    from mtlora.eval import generate
+
     s = resolve_settings(bbh_cfg)
     p = bbh.get_protocol(s["protocol"])
     length = None
     if s["max_input_tokens"] == bbh.MODEL_LENGTH:
-        length = s["model_max_length"] or model_max_length(getattr(model, "config", None), tokenizer)
+        length = s["model_max_length"] or generate.model_max_length(getattr(model, "config", None), tokenizer)
     max_input = input_limit(s, length)  # refused here, before any generation
     data_dir = s["data_dir"]
     if data_dir != bbh.HUB or p.prompt.demos != "task_file":
@@ -217,7 +199,7 @@ def run_bbh(
         merge_adapters(model, task_id=task_id)  # task-aware adapters: merged for the eval task id
         merged = True
     try:
-        gens = greedy_generate(
+        gens = generate.greedy_generate(
             model,
             tokenizer,
             [it["prompt"] for it in items],
@@ -306,3 +288,21 @@ def summary_line(result: dict) -> str:
         f"BBH {result['protocol']}: macro {result['macro']['accuracy']:.4f} over {result['macro']['n_tasks']} "
         f"tasks, micro {result['micro']['accuracy']:.4f} over {result['micro']['n']} examples"
     )
+
+
+def _outputs(eval_cfg: DictConfig | None) -> list[str]:
+    return [suite_name(resolve_settings(eval_cfg.get("bbh") if eval_cfg is not None else None)["protocol"])]
+
+
+def _run(ctx: SuiteContext) -> dict:
+    r = run_bbh(ctx.model, ctx.tokenizer, ctx.eval_cfg.bbh, ctx.out_dir, task_names=ctx.training_tasks())
+    key = suite_name(r["protocol"])
+    ctx.report(
+        key, summary_line(r), {f"{key}/macro": r["macro"]["accuracy"], f"{key}/micro": r["micro"]["accuracy"]}
+    )
+    return r
+
+
+EVAL_SUITE = register(
+    Suite("bbh", GENERATION, _run, needs=frozenset({"tokenizer", "task_names"}), outputs=_outputs)
+)

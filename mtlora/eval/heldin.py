@@ -9,16 +9,22 @@ papers report), ``micro`` pools all examples.
 
 from __future__ import annotations
 
-import torch
+import logging
+from typing import TYPE_CHECKING
 
-from mtlora.data.build import MultiTaskData
-from mtlora.data.collate import collate
-from mtlora.training.loss import token_cross_entropy
+from mtlora.eval.outputs import write_heldin
+from mtlora.eval.suites import TEACHER_FORCED, Suite, SuiteContext, register
+
+if TYPE_CHECKING:
+    import torch
+
+    from mtlora.data.build import MultiTaskData
+
+log = logging.getLogger(__name__)
 
 METRICS = ("loss", "token_acc", "exact_match")
 
 
-@torch.no_grad()
 def evaluate_heldin(
     model: torch.nn.Module,
     data: MultiTaskData,
@@ -26,6 +32,19 @@ def evaluate_heldin(
     max_per_task: int | None,
     device: torch.device,
 ) -> dict:
+    """Per-task ``loss``, ``token_acc`` and ``exact_match`` on the held-out rows (see the module doc)."""
+    import torch
+
+    with torch.no_grad():
+        return _evaluate_heldin(model, data, batch_size, max_per_task, device)
+
+
+def _evaluate_heldin(model, data, batch_size: int, max_per_task: int | None, device) -> dict:
+    from mtlora.data.collate import collate
+
+    # the per-token LM cross entropy that training minimises
+    from mtlora.training.loss import token_cross_entropy
+
     ctx = model.adapter_context
     was_training = model.training
     model.eval()
@@ -62,3 +81,33 @@ def _finish(acc: dict) -> dict:
         "token_acc": acc["correct"] / max(acc["tokens"], 1),
         "exact_match": acc["exact"] / max(acc["n"], 1),
     }
+
+
+def _run(ctx: SuiteContext) -> dict:
+    """The ``heldin`` suite of ``mtlora.evaluate``: ``metrics/eval_heldin.{json,md}``."""
+    import torch
+
+    model = ctx.model
+    if getattr(model, "adapter_context", None) is None:
+        from mtlora.adapters import AdapterContext
+
+        object.__setattr__(model, "adapter_context", AdapterContext())  # task ids are set on it per batch
+    device = ctx.device if ctx.device is not None else next(model.parameters(), torch.empty(0)).device
+    e = ctx.eval_cfg
+    r = evaluate_heldin(model, ctx.held_out(), int(e.batch_size), e.get("max_examples_per_task"), device)
+    result = {"suite": "heldin", **r}
+    write_heldin(result, ctx.out_dir)
+    log.info("held-out eval: macro exact match %.4f", r["macro"]["exact_match"])
+    return result
+
+
+EVAL_SUITE = register(
+    Suite(
+        "heldin",
+        TEACHER_FORCED,
+        _run,
+        needs=frozenset({"data", "tokenizer"}),
+        tables=("json", "md"),
+        predictions=False,
+    )
+)

@@ -1,5 +1,5 @@
 """The ``heldin_gen`` evaluation suite: each training task's held-out rows, answered by greedy generation and
-scored with the task's own metric (:mod:`mtlora.eval.metrics`).
+scored with the task's own metric (:mod:`mtlora.eval.scoring`).
 
 Prompts are the held-out rows' ``prompt`` text exactly as training rendered it (same template; tokenized with
 the tokenizer's default special tokens, which is the prefix training puts in front of a prompt). Rows are
@@ -29,14 +29,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mtlora.errors import ConfigError
-from mtlora.eval import metrics
-from mtlora.eval.generate import greedy_generate
+from mtlora.eval import scoring
 from mtlora.eval.outputs import write_suite_outputs
+from mtlora.eval.settings import resolve_settings
+from mtlora.eval.suites import GENERATION, Suite, SuiteContext, register
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -54,55 +58,6 @@ MACRO_LABEL = "unweighted mean over tasks of the per-task score / accuracy"
 MICRO_LABEL = "pooled over all rows (score: accuracy or ROUGE-L F1 per row)"
 
 
-def resolve_settings(cfg: DictConfig | dict | None, defaults: dict, where: str) -> dict:
-    """``cfg`` over ``defaults``; unknown keys are a ConfigError naming ``where``."""
-    given = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(defaults)}")
-    return {**defaults, **given}
-
-
-def task_metrics(data_cfg: DictConfig, task_names: list[str]) -> dict[str, str]:
-    """``data.tasks.<task>.eval.metric`` of every task (``exact`` when missing), checked."""
-    out = {}
-    for name in task_names:
-        m = OmegaConf.select(data_cfg, f"tasks.{name}.eval.metric", default=None)
-        out[name] = metrics.check_metric(m, f"data.tasks.{name}.eval.metric")
-    return out
-
-
-def _summary(per_task: dict[str, dict], scores: dict[str, list[tuple[bool, float]]]) -> dict:
-    tasks = {}
-    for name, rows in scores.items():
-        n = len(rows)
-        c = sum(ok for ok, _ in rows)
-        tasks[name] = {
-            **per_task[name],
-            "n": n,
-            "correct": c,
-            "accuracy": c / n if n else 0.0,
-            "score": sum(v for _, v in rows) / n if n else 0.0,
-        }
-    n = sum(t["n"] for t in tasks.values())
-    k = max(len(tasks), 1)
-    return {
-        "tasks": tasks,
-        "macro": {
-            "score": sum(t["score"] for t in tasks.values()) / k,
-            "accuracy": sum(t["accuracy"] for t in tasks.values()) / k,
-            "n_tasks": len(tasks),
-            "label": MACRO_LABEL,
-        },
-        "micro": {
-            "score": sum(v for rows in scores.values() for _, v in rows) / max(n, 1),
-            "accuracy": sum(t["correct"] for t in tasks.values()) / max(n, 1),
-            "n": n,
-            "label": MICRO_LABEL,
-        },
-    }
-
-
 def run_heldin_gen(
     model: torch.nn.Module,
     tokenizer,
@@ -115,7 +70,7 @@ def run_heldin_gen(
     """Generate, score and write the held-in generation suite for ``data`` (a ``MultiTaskData``)."""
     s = resolve_settings(hg_cfg, DEFAULTS, "eval.heldin_gen")
     names = list(data.task_names)
-    metric_of = task_metrics(data_cfg, names)
+    metric_of = scoring.task_metrics(data_cfg, names)
     items: list[dict] = []
     for t, (name, ds) in enumerate(zip(names, data.eval)):
         n = len(ds) if s["limit"] is None else min(len(ds), int(s["limit"]))
@@ -126,7 +81,9 @@ def run_heldin_gen(
             items.append(
                 {"task": name, "task_id": t, "index": i, "prompt": row["prompt"], "target": row["target"]}
             )
-    gens = greedy_generate(
+    from mtlora.eval import generate
+
+    gens = generate.greedy_generate(
         model,
         tokenizer,
         [it["prompt"] for it in items],
@@ -144,7 +101,7 @@ def run_heldin_gen(
     preds: dict[str, list[dict]] = {n: [] for n in names}
     for it, gen in zip(items, gens):
         m = metric_of[it["task"]]
-        ok, value = metrics.score(m, gen, it["target"])
+        ok, value = scoring.score(m, gen, it["target"])
         scores[it["task"]].append((ok, value))
         preds[it["task"]].append(
             {
@@ -153,7 +110,7 @@ def run_heldin_gen(
                 "prompt": it["prompt"],
                 "task_id": it["task_id"],
                 "generation": gen,
-                "extracted": metrics.extract(m, gen),
+                "extracted": scoring.extract(m, gen),
                 "target": it["target"],
                 "correct": bool(ok),
                 "score": value,
@@ -162,7 +119,7 @@ def run_heldin_gen(
     result = {
         "suite": SUITE,
         "settings": {k: s[k] for k in DEFAULTS},
-        **_summary({n: {"metric": metric_of[n]} for n in names}, scores),
+        **scoring.summarize({n: {"metric": metric_of[n]} for n in names}, scores, MACRO_LABEL, MICRO_LABEL),
     }
     note = (
         "Held-in tasks, greedy generation; score = accuracy (exact / option / number) or mean ROUGE-L F1 "
@@ -181,43 +138,13 @@ def summary_line(result: dict) -> str:
     )
 
 
-def run_generation_suites(
-    eval_cfg: DictConfig,
-    run_cfg: DictConfig,
-    model: torch.nn.Module,
-    tokenizer,
-    out_dir: Path,
-    data=None,
-    task_names: list[str] | None = None,
-    tracker=None,
-    step: int | None = None,
-) -> dict:
-    """The ``heldin_gen`` and ``mmlu`` suites of ``eval_cfg.suites`` (for ``mtlora.evaluate`` and the end of
-    training). ``data``: the run's ``MultiTaskData`` (built from ``run_cfg.data`` when None)."""
-    results: dict = {}
-    suites = list(eval_cfg.suites)
-    if SUITE in suites:
-        if data is None:
-            from mtlora.data import build_data
+def _run(ctx: SuiteContext) -> dict:
+    data = ctx.held_out()
+    r = run_heldin_gen(ctx.model, ctx.tokenizer, data, ctx.run_cfg.data, ctx.eval_cfg.get(SUITE), ctx.out_dir)
+    ctx.report(
+        SUITE, summary_line(r), {f"{SUITE}/macro": r["macro"]["score"], f"{SUITE}/micro": r["micro"]["score"]}
+    )
+    return r
 
-            data = build_data(run_cfg.data, tokenizer, int(run_cfg.model.max_seq_len))
-        results[SUITE] = run_heldin_gen(model, tokenizer, data, run_cfg.data, eval_cfg.get(SUITE), out_dir)
-    if "mmlu" in suites:
-        from mtlora.eval.mmlu import run_mmlu
 
-        names = task_names if task_names is not None else (data.task_names if data is not None else None)
-        results["mmlu"] = run_mmlu(model, tokenizer, eval_cfg.get("mmlu"), out_dir, task_names=names)
-    for name, r in results.items():
-        if name == SUITE:
-            line = summary_line(r)
-        else:
-            from mtlora.eval.mmlu import summary_line as mmlu_line
-
-            line = mmlu_line(r)
-        log.info("%s (tables in metrics/eval_%s.md)", line, name)
-        print(line, flush=True)
-        if tracker is not None:
-            vals = {f"{name}/macro": r["macro"]["score"], f"{name}/micro": r["micro"]["score"]}
-            tracker.log({f"eval/{k}": v for k, v in vals.items()}, step)
-            tracker.summary({f"final/{k}": v for k, v in vals.items()})
-    return results
+EVAL_SUITE = register(Suite(SUITE, GENERATION, _run, needs=frozenset({"data", "tokenizer"})))

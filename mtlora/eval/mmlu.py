@@ -33,16 +33,19 @@ import csv
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from mtlora.errors import ConfigError, DataError
-from mtlora.eval.bbh_suite import resolve_task_id
-from mtlora.eval.generate import greedy_generate
-from mtlora.eval.heldin_gen import _summary, resolve_settings
 from mtlora.eval.outputs import write_suite_outputs
+from mtlora.eval.scoring import summarize
+from mtlora.eval.settings import resolve_settings, resolve_task_id
+from mtlora.eval.suites import GENERATION, Suite, SuiteContext, register
 from mtlora.utils.paths import default_data_dir
+
+if TYPE_CHECKING:
+    import torch
 
 SUITE = "mmlu"
 HUB_ID = "cais/mmlu"
@@ -213,10 +216,7 @@ def run_mmlu(
     s = resolve_settings(mmlu_cfg, DEFAULTS, "eval.mmlu")
     subjects = list(SUBJECTS) if s["subjects"] is None else list(s["subjects"])
     root = mmlu_dir(s["data_dir"])  # fails before any generation
-    try:
-        task_id = resolve_task_id(model, s["task_id"], task_names)
-    except ConfigError as e:  # the shared policy's message names the BBH key
-        raise ConfigError(str(e).replace("eval.bbh.", "eval.mmlu.")) from None
+    task_id = resolve_task_id(model, s["task_id"], task_names, "eval.mmlu")
     items = []
     for subject in subjects:
         dev, test = load_subject(subject, s["data_dir"])
@@ -227,7 +227,9 @@ def run_mmlu(
             items.append(
                 {"subject": subject, "index": i, "prompt": build_prompt(dev, row, int(s["shots"])), **row}
             )
-    gens = greedy_generate(
+    from mtlora.eval import generate
+
+    gens = generate.greedy_generate(
         model,
         tokenizer,
         [it["prompt"] for it in items],
@@ -254,9 +256,12 @@ def run_mmlu(
                 "correct": bool(ok),
             }
         )
-    summary = _summary({x: {"category": CATEGORY_OF[x]} for x in subjects}, scores)
-    summary["macro"]["label"] = "unweighted mean of per-subject accuracies"
-    summary["micro"]["label"] = "pooled accuracy over all questions (mtLoRA's overall accuracy)"
+    summary = summarize(
+        {x: {"category": CATEGORY_OF[x]} for x in subjects},
+        scores,
+        "unweighted mean of per-subject accuracies",
+        "pooled accuracy over all questions (mtLoRA's overall accuracy)",
+    )
     groups = {}
     for cat, subs in CATEGORIES.items():
         accs = [summary["tasks"][x]["accuracy"] for x in subjects if x in subs]
@@ -288,3 +293,16 @@ def summary_line(result: dict) -> str:
         f"{result['micro']['n']} questions, macro {result['macro']['accuracy']:.4f} over "
         f"{result['macro']['n_tasks']} subjects"
     )
+
+
+def _run(ctx: SuiteContext) -> dict:
+    r = run_mmlu(
+        ctx.model, ctx.tokenizer, ctx.eval_cfg.get(SUITE), ctx.out_dir, task_names=ctx.training_tasks()
+    )
+    ctx.report(
+        SUITE, summary_line(r), {f"{SUITE}/macro": r["macro"]["score"], f"{SUITE}/micro": r["micro"]["score"]}
+    )
+    return r
+
+
+EVAL_SUITE = register(Suite(SUITE, GENERATION, _run, needs=frozenset({"tokenizer", "task_names"})))

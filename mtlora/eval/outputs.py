@@ -65,7 +65,7 @@ EARLIER_DIR = EARLIER_EVALS
 def suite_files(out_dir: Path, name: str) -> list[Path]:
     """The existing outputs of suite ``name`` in ``out_dir``: ``metrics/eval_<name>.*`` and ``predictions/<name>/``."""
     layout = RunLayout(out_dir)
-    files = sorted(layout.metrics.glob(f"eval_{name}.*"))
+    files = sorted(layout.metrics.glob(layout.suite(name, "*").name))
     pdir = layout.suite_predictions(name)
     return files + ([pdir] if pdir.is_dir() else [])
 

@@ -2,7 +2,7 @@
 
 For each training task, the first ``per_task`` held-out rows are answered by greedy decoding
 (:func:`mtlora.eval.generate.greedy_generate`: the training prompt, the row's task id, at most
-``max_new_tokens``, stop at EOS) and read with the task's metric (:mod:`mtlora.eval.metrics`,
+``max_new_tokens``, stop at EOS) and read with the task's metric (:mod:`mtlora.eval.scoring`,
 ``data.tasks.<task>.eval.metric``). Written to ``predictions/heldin_samples/<task>.jsonl``, one line per row:
 ``id`` (``<task>/<held-out row>``), ``task``, ``prompt``, ``target``, ``generation``, ``extracted`` (the answer
 the metric reads), ``correct`` and ``score`` (ROUGE-L F1 for ``rouge_l`` tasks, else 0/1). Nothing is
@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
-from mtlora.eval import metrics
-from mtlora.eval.generate import greedy_generate
-from mtlora.eval.heldin_gen import resolve_settings, task_metrics
+from mtlora.eval import scoring
 from mtlora.eval.outputs import write_predictions
+from mtlora.eval.settings import resolve_settings
+from mtlora.eval.suites import GENERATION, Suite, SuiteContext, register
+from mtlora.run.layout import RunLayout
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ def write_heldin_samples(
     if per_task <= 0:
         return {}
     names = list(data.task_names)
-    metric_of = task_metrics(data_cfg, names)
+    metric_of = scoring.task_metrics(data_cfg, names)
     items = [
         {"task": name, "task_id": t, "index": i, "prompt": ds[i]["prompt"], "target": ds[i]["target"]}
         for t, (name, ds) in enumerate(zip(names, data.eval))
@@ -51,7 +55,9 @@ def write_heldin_samples(
     ]
     if not items:
         return {}
-    gens = greedy_generate(
+    from mtlora.eval import generate
+
+    gens = generate.greedy_generate(
         model,
         tokenizer,
         [it["prompt"] for it in items],
@@ -62,7 +68,7 @@ def write_heldin_samples(
     preds: dict[str, list[dict]] = {}
     for it, gen in zip(items, gens):
         m = metric_of[it["task"]]
-        ok, value = metrics.score(m, gen, it["target"])
+        ok, value = scoring.score(m, gen, it["target"])
         preds.setdefault(it["task"], []).append(
             {
                 "id": f"{it['task']}/{it['index']}",
@@ -70,7 +76,7 @@ def write_heldin_samples(
                 "prompt": it["prompt"],
                 "target": it["target"],
                 "generation": gen,
-                "extracted": metrics.extract(m, gen),
+                "extracted": scoring.extract(m, gen),
                 "correct": bool(ok),
                 "score": value,
             }
@@ -81,6 +87,19 @@ def write_heldin_samples(
         "held-in samples: %d of %d greedy generations correct, in %s",
         n_ok,
         len(items),
-        Path(out_dir) / "predictions" / NAME,
+        RunLayout(out_dir).suite_predictions(NAME),
     )
     return preds
+
+
+def _run(ctx: SuiteContext) -> None:
+    data = ctx.held_out()
+    write_heldin_samples(
+        ctx.model, ctx.tokenizer, data, ctx.run_cfg.data, ctx.eval_cfg.get("samples"), ctx.out_dir
+    )
+
+
+#: not listed in ``eval.suites``: a run ends with it unless ``eval.samples`` is null (``per_task: 0``: none)
+EVAL_SUITE = register(
+    Suite(NAME, GENERATION, _run, needs=frozenset({"data", "tokenizer"}), tables=(), switch="samples")
+)

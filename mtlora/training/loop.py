@@ -31,8 +31,6 @@ from mtlora.data.mixture import BatchStream
 from mtlora.diagnostics import DiagnosticsRunner
 from mtlora.diagnostics.heads import save_initial_heads
 from mtlora.errors import ConfigError
-from mtlora.eval.bbh_suite import run_bbh
-from mtlora.eval.bbh_suite import summary_line as bbh_summary_line
 from mtlora.eval.heldin import evaluate_heldin
 from mtlora.eval.outputs import HELDIN_COLUMNS, write_heldin
 from mtlora.models import build_model, build_tokenizer, count_parameters
@@ -474,34 +472,21 @@ def generation_suites_at_end(
     its headline numbers."""
     if not cfg.eval.at_end:
         return
+    from mtlora.eval.suites import SuiteContext, end_of_run_suites, run_suites
+
+    ctx = SuiteContext(
+        cfg.eval,
+        cfg,
+        model,
+        tokenizer,
+        run_dir,
+        data=data,
+        task_names=data.task_names,
+        tracker=tracker,
+        step=step,
+    )
     with eager_layers(model):  # train.compile: generation shapes would recompile the training graphs
-        if cfg.eval.get("samples"):  # a few generations per task to look at (mtlora.eval.samples)
-            from mtlora.eval.samples import write_heldin_samples
-
-            write_heldin_samples(model, tokenizer, data, cfg.data, cfg.eval.samples, run_dir)
-        if "bbh" in cfg.eval.suites:
-            _evaluate_bbh(cfg, model, tokenizer, data, run_dir, tracker, step)
-        if {"heldin_gen", "mmlu"} & set(cfg.eval.suites):
-            from mtlora.eval.heldin_gen import run_generation_suites
-
-            run_generation_suites(
-                cfg.eval, cfg, model, tokenizer, run_dir, data, data.task_names, tracker, step
-            )
-
-
-def _evaluate_bbh(cfg, inner, tokenizer, data: MultiTaskData, run_dir: Path, tracker: Tracker, step: int):
-    """The ``bbh`` suite on the trained model (mtlora.eval.bbh_suite); writes its files into ``run_dir``."""
-    result = run_bbh(inner, tokenizer, cfg.eval.bbh, run_dir, task_names=data.task_names)
-    key = f"bbh_{result['protocol']}"
-    tracker.log(
-        {f"eval/{key}/macro": result["macro"]["accuracy"], f"eval/{key}/micro": result["micro"]["accuracy"]},
-        step,
-    )
-    tracker.summary(
-        {f"final/{key}/macro": result["macro"]["accuracy"], f"final/{key}/micro": result["micro"]["accuracy"]}
-    )
-    log.info("%s (tables in metrics/eval_%s.md)", bbh_summary_line(result), key)
-    return result
+        run_suites(end_of_run_suites(cfg.eval), ctx)  # held-in samples, bbh, heldin_gen, mmlu
 
 
 def _write_outputs(

@@ -15,7 +15,7 @@ import torch
 
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError, DataError
-from mtlora.eval import bbh, bbh_suite
+from mtlora.eval import bbh, generate
 from mtlora.eval.bbh_suite import resolve_settings, resolve_task_id, run_bbh
 from mtlora.load import load_run
 from mtlora.models import build_model, build_tokenizer
@@ -219,7 +219,7 @@ def test_scores_and_macro_micro_from_known_generations(tmp_path: Path, monkeypat
         ]
 
     ex = bbh.load_task("snarks", protocol="lmeval_fewshot")[1][:3]
-    monkeypatch.setattr(bbh_suite, "greedy_generate", fake)
+    monkeypatch.setattr(generate, "greedy_generate", fake)
     cfg = {"protocol": "lmeval_fewshot", "tasks": ["snarks", "navigate"], "limit": 3}
     m = run_bbh(torch.nn.Linear(1, 1), None, cfg, tmp_path, progress=False)
     assert m["tasks"]["snarks"]["accuracy"] == 1.0 and m["tasks"]["navigate"]["accuracy"] == 0.0

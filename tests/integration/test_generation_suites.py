@@ -13,7 +13,7 @@ import torch
 
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError, DataError
-from mtlora.eval import heldin_gen, metrics, mmlu
+from mtlora.eval import generate, heldin_gen, mmlu, scoring
 from mtlora.evaluate import evaluate
 from mtlora.load import load_run
 from mtlora.models import build_model, build_tokenizer
@@ -86,9 +86,9 @@ def test_heldin_gen_standalone_outputs_and_scores(tmp_path: Path) -> None:
         assert [x["id"] for x in lines] == [f"{task}/{i}" for i in range(4)]
         assert all(x["task_id"] == t for x in lines)
         for x in lines:  # each row's verdict is the metric recomputed
-            ok, v = metrics.score(TASK_METRICS[task], x["generation"], x["target"])
+            ok, v = scoring.score(TASK_METRICS[task], x["generation"], x["target"])
             assert (x["correct"], x["score"]) == (ok, v)
-            assert x["extracted"] == metrics.extract(TASK_METRICS[task], x["generation"])
+            assert x["extracted"] == scoring.extract(TASK_METRICS[task], x["generation"])
             scores.append(v)
         assert m["tasks"][task]["correct"] == sum(x["correct"] for x in lines)
     assert m["micro"]["score"] == pytest.approx(sum(scores) / len(scores))
@@ -106,13 +106,14 @@ def test_heldin_gen_standalone_outputs_and_scores(tmp_path: Path) -> None:
 
 def test_end_of_training_hook_passes_task_ids(tmp_path: Path, monkeypatch) -> None:
     seen: dict = {}
-    real = heldin_gen.greedy_generate
+    real = generate.greedy_generate
 
     def spy(model, tok, prompts, max_new_tokens, **kw):
-        seen["prompts"], seen["task_ids"] = list(prompts), kw["task_ids"]
+        if kw.get("desc") == "heldin_gen":  # not the held-in samples generated before it
+            seen["prompts"], seen["task_ids"] = list(prompts), kw["task_ids"]
         return real(model, tok, prompts, max_new_tokens, **kw)
 
-    monkeypatch.setattr(heldin_gen, "greedy_generate", spy)
+    monkeypatch.setattr(generate, "greedy_generate", spy)
     over = [
         *BASE,
         "adapter=mtl_lora",
@@ -154,8 +155,8 @@ def test_every_run_ends_with_a_few_greedy_samples_per_task(tmp_path: Path) -> No
             row = data.eval[t][i]
             assert (x["task"], x["prompt"], x["target"]) == (task, row["prompt"], row["target"])
             assert x["generation"] == _greedy_forward(model, tok, row["prompt"], 5, task_id=t)
-            assert x["extracted"] == metrics.extract(metric, x["generation"])
-            assert (x["correct"], x["score"]) == metrics.score(metric, x["generation"], x["target"])
+            assert x["extracted"] == scoring.extract(metric, x["generation"])
+            assert (x["correct"], x["score"]) == scoring.score(metric, x["generation"], x["target"])
     # per_task=0 writes none
     run0 = _train(tmp_path, "off", [*BASE, "eval=default", "eval.samples.per_task=0"])
     assert (run0 / "metrics" / "eval_heldin.json").exists() and not (run0 / "predictions").exists()
@@ -213,7 +214,7 @@ def test_mmlu_prompt_scoring_and_outputs(tmp_path: Path, monkeypatch) -> None:
         seen["prompts"], seen["task_ids"] = list(prompts), kw["task_ids"]
         return [" B\n"] * len(prompts)
 
-    monkeypatch.setattr(mmlu, "greedy_generate", fake)
+    monkeypatch.setattr(generate, "greedy_generate", fake)
     m = mmlu.run_mmlu(
         torch.nn.Linear(1, 1), None, {"data_dir": str(root), "subjects": list(SUBJ)}, tmp_path, progress=False
     )

@@ -1,4 +1,4 @@
-"""Answer metrics of the generation suites (mtlora.eval.metrics) on hand-made cases, traps included, and the
+"""Answer metrics of the generation suites (mtlora.eval.scoring) on hand-made cases, traps included, and the
 ``eval.metric`` of every task config."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlora.errors import ConfigError
-from mtlora.eval import metrics as M
+from mtlora.eval import scoring as M
 from tests.helpers.compose import CONF
 
 COT = "Natalia sold 48 / 2 = 24 clips in May. 48 + 24 = 72.\nSo the answer is 72."

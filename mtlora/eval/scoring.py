@@ -1,4 +1,5 @@
-"""Answer metrics of the generation suites, chosen per task by ``eval.metric`` in ``conf/data/task/*.yaml``.
+"""Scoring of the generation suites: the answer metric of each task (``eval.metric`` in
+``conf/data/task/*.yaml``) and the per-task / macro / micro summary of the scored rows (:func:`summarize`).
 
 Each metric reads an answer out of the generation and out of the target with the *same* rule, so a
 chain-of-thought target ("... So the answer is (C).") and a bare target (" 72") are handled alike:
@@ -6,7 +7,7 @@ chain-of-thought target ("... So the answer is (C).") and a bare target (" 72") 
 ``exact``    :func:`final_answer`, then :func:`normalize` (casefold, whitespace runs -> one space, strip,
              one trailing ``.`` dropped); equal strings. The default when a task sets no ``eval.metric``.
 ``option``   :func:`option_letter` of the final answer: the last ``(X)``, else the last lone capital letter
-             (Align-LoRA's rule, :func:`mtlora.eval.bbh._align_option`), so "(A)", "A", "Answer: A" and
+             (Align-LoRA's rule, :func:`mtlora.eval.bbh.extraction.align_option`), so "(A)", "A", "Answer: A" and
              "So the answer is (A)." all read ``A``; no letter never matches.
 ``number``   :func:`last_number` of the final answer: thousands separators dropped ("1,000" = "1000"),
              compared as decimals ("72.0" = "72"); no number never matches.
@@ -26,8 +27,10 @@ import functools
 import re
 from decimal import Decimal, InvalidOperation
 
+from omegaconf import DictConfig, OmegaConf
+
 from mtlora.errors import ConfigError
-from mtlora.eval.bbh import _align_option
+from mtlora.eval.bbh.extraction import align_option
 
 METRICS = ("exact", "option", "number", "rouge_l")
 DEFAULT_METRIC = "exact"
@@ -65,7 +68,7 @@ def normalize(text: str) -> str:
 
 def option_letter(text: str) -> str | None:
     """The option letter of ``text``'s final answer (see the module doc), or None."""
-    m = _LETTER.match(_align_option(final_answer(text)))
+    m = _LETTER.match(align_option(final_answer(text)))
     return m.group(1) if m else None
 
 
@@ -127,3 +130,47 @@ def score(metric: str, prediction: str, target: str) -> tuple[bool, float]:
         return normalize(prediction) == normalize(target), rouge_l(prediction, target)
     ok = {"exact": exact_match, "option": option_match, "number": number_match}[metric](prediction, target)
     return ok, float(ok)
+
+
+def task_metrics(data_cfg: DictConfig, task_names: list[str]) -> dict[str, str]:
+    """``data.tasks.<task>.eval.metric`` of every task (``exact`` when missing), checked."""
+    out = {}
+    for name in task_names:
+        m = OmegaConf.select(data_cfg, f"tasks.{name}.eval.metric", default=None)
+        out[name] = check_metric(m, f"data.tasks.{name}.eval.metric")
+    return out
+
+
+def summarize(
+    per_task: dict[str, dict], scores: dict[str, list[tuple[bool, float]]], macro_label: str, micro_label: str
+) -> dict:
+    """Per-task ``n``, ``correct``, ``accuracy`` = correct / n and ``score`` = mean value (merged over the
+    entries of ``per_task``), then ``macro`` (unweighted mean over tasks) and ``micro`` (pooled over rows)."""
+    tasks = {}
+    for name, rows in scores.items():
+        n = len(rows)
+        c = sum(ok for ok, _ in rows)
+        tasks[name] = {
+            **per_task[name],
+            "n": n,
+            "correct": c,
+            "accuracy": c / n if n else 0.0,
+            "score": sum(v for _, v in rows) / n if n else 0.0,
+        }
+    n = sum(t["n"] for t in tasks.values())
+    k = max(len(tasks), 1)
+    return {
+        "tasks": tasks,
+        "macro": {
+            "score": sum(t["score"] for t in tasks.values()) / k,
+            "accuracy": sum(t["accuracy"] for t in tasks.values()) / k,
+            "n_tasks": len(tasks),
+            "label": macro_label,
+        },
+        "micro": {
+            "score": sum(v for rows in scores.values() for _, v in rows) / max(n, 1),
+            "accuracy": sum(t["correct"] for t in tasks.values()) / max(n, 1),
+            "n": n,
+            "label": micro_label,
+        },
+    }
