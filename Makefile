@@ -169,9 +169,14 @@ preset-health: $(STAMP) ## every paper preset trains: 30 smoke steps each vs pla
 test-experiments: $(DEV_STAMP) ## every paper-table preset composes and trains 2 steps (tiny model); a SMOKE table end to end
 	$(PYTHON) -m pytest -m "slow or not slow" tests/integration/test_experiments.py $(ARGS)
 
-lint: $(DEV_STAMP) ## ruff lint + format check
+# lint-imports (import-linter): the package layering contracts of pyproject.toml [tool.importlinter], see
+# docs/architecture.md. Run through $(PYTHON), whose scripts folder may not be on PATH.
+LINT_IMPORTS = $(PYTHON) -c 'from importlinter.cli import lint_imports_command as main; main()'
+
+lint: $(DEV_STAMP) ## ruff lint + format check, then the import layering contracts (lint-imports)
 	$(PYTHON) -m ruff check mtlora tests scripts
 	$(PYTHON) -m ruff format --check mtlora tests scripts
+	$(LINT_IMPORTS) --no-cache --no-logo
 
 format: $(DEV_STAMP) ## ruff fix + format
 	$(PYTHON) -m ruff check --fix mtlora tests scripts
