@@ -7,7 +7,7 @@ Two benchmarks (results: a markdown table on stdout, and a record appended to ``
    seven linear projections only (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, biases on q/k/v
    for Qwen2) is built; the data flow is ``h = x + o(q + repeat_kv(k·v))``, ``y = h + down(silu(gate(h))·up(h))``
    (no attention softmax, no norms: the benchmark isolates the cost of the adapted linears). Every method of
-   ``mtlora.adapters.registry.ADAPTER_METHODS`` (new registrations included automatically) is injected on the
+   ``mtlora.adapters.registry`` (new registrations included automatically) is injected on the
    same targets (``--targets``, default all seven), with its defaults read from ``conf/adapter/<method>.yaml``
    (OmegaConf; ``defaults:`` adapter parents merged first, ``num_tasks`` set to ``--num-tasks``). Task-aware
    methods (``needs_task_ids``) get random task ids through the adapter context. The input requires grad (as
@@ -21,12 +21,11 @@ Two benchmarks (results: a markdown table on stdout, and a record appended to ``
      (1, 2, … up to the first count over the budget; ranks the method rejects are skipped) so that the
      trainable count on the stack is closest to that of plain LoRA of rank R = ``--budget-rank`` on the
      same targets (the table shows the count and its ratio to the budget);
-   * ``rank`` ("same total rank", :data:`RANK_RULES`): ``per_head`` methods — shared-A multi-head
+   * ``rank`` ("same total rank", the spec's ``rank_rule``): ``per_head`` methods — shared-A multi-head
      (HydraLoRA, R-LoRA, M-LoRA, mtLoRA), parallel LoRAs (MultiLoRA) and full-rank experts (MoLoRA) — get
      rank R / heads per head, so the heads' ranks sum to R; ``total`` methods — MOELoRA and LoRA-Split,
      whose ``rank`` is already the total split over experts/splits — and all others (LoRA, DoRA, MTL-LoRA
-     with its ``num_up`` mixed up-projections) get rank R. Unlisted new methods: ``per_head`` if their
-     config has ``num_heads``/``num_loras``, else ``total``.
+     with its ``num_up`` mixed up-projections) get rank R.
 
    Block-level placements (mtLoRA's default ``placement: block_ffn``) ignore ``target_modules`` and wrap the
    ``mlp`` sub-block instead; model-level step regularisers (``context.regularizers``, e.g. mtLoRA's spectral
@@ -89,25 +88,9 @@ if str(REPO) not in sys.path:  # `python scripts/bench_adapters.py` without an i
     sys.path.insert(0, str(REPO))
 
 from mtlora.adapters.inject import inject_adapters  # noqa: E402
-from mtlora.adapters.registry import ADAPTER_METHODS  # noqa: E402
+from mtlora.adapters.registry import get_spec, method_names, spec_of  # noqa: E402
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: the key holding a method's number of heads / LoRAs / experts / splits (set to ``--heads``)
-MULTIPLICITY_KEYS = ("num_heads", "num_loras", "num_experts", "num_splits")
-#: ``--match rank``: how ``adapter.rank`` relates to the total rank R, per method. ``per_head``: ``rank`` is
-#: the rank of each of the n heads / LoRAs / experts (rank = R / n); ``total``: ``rank`` is already the total
-#: (split over the experts / splits; rank = R). Methods not listed: ``per_head`` when their config has
-#: ``num_heads`` or ``num_loras``, else ``total``.
-RANK_RULES = {
-    "hydralora": "per_head",
-    "rlora": "per_head",
-    "mlora": "per_head",
-    "mtlora": "per_head",
-    "multilora": "per_head",
-    "molora": "per_head",
-    "moelora": "total",
-    "lora_split": "total",
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 2**20
 
@@ -248,12 +231,15 @@ def adapter_config(method: str, args: argparse.Namespace) -> DictConfig:
 
 
 def multiplicity_key(cfg: DictConfig) -> str | None:
-    return next((k for k in MULTIPLICITY_KEYS if k in cfg), None)
+    """The knob holding the method's number of heads / LoRAs / experts / splits (the spec's ``heads_key``,
+    set to ``--heads``), or None."""
+    return spec_of(str(cfg.method)).heads_key
 
 
 def rank_rule(cfg: DictConfig) -> str:
-    default = "per_head" if any(k in cfg for k in ("num_heads", "num_loras")) else "total"
-    return RANK_RULES.get(str(cfg.method), default)
+    """``--match rank``: how ``adapter.rank`` relates to the total rank R (the spec's ``rank_rule``):
+    ``per_head``, the rank of each of the n heads (rank = R / n), or ``total`` (rank = R)."""
+    return spec_of(str(cfg.method)).rank_rule
 
 
 def count_on_meta(cfg: DictConfig, shape: dict[str, Any], layers: int) -> int:
@@ -420,13 +406,13 @@ def bench_adapters(args: argparse.Namespace, device: torch.device) -> dict[str, 
     lora_cfg = adapter_config("lora", args)
     lora_cfg.rank = args.budget_rank
     budget = count_on_meta(lora_cfg, shape, args.layers)
-    methods = list(ADAPTER_METHODS) if not args.methods else list(args.methods)
+    methods = list(method_names()) if not args.methods else list(args.methods)
     rows: list[dict[str, Any]] = []
     steps: dict[int, Callable[[], None]] = {}
     for m in [None, *methods]:
-        if m is not None and m not in ADAPTER_METHODS:
+        if m is not None and get_spec(m) is None:
             rows.append(
-                {"method": m, "status": "skipped: not in ADAPTER_METHODS", "config": "-", "rule": "-"}
+                {"method": m, "status": "skipped: not a registered method", "config": "-", "rule": "-"}
             )
             continue
         row, step = prepare(m, args, shape, budget, device)
