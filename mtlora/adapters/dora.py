@@ -40,7 +40,7 @@ from mtlora.adapters.methods.dora import DORA
 
 class DoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
-    method: ClassVar[str] = "dora"
+    method: ClassVar[str] = DORA.name
     spec = DORA
 
     def __init__(

@@ -41,7 +41,7 @@ from mtlora.adapters.task_aware import TaskAwareLayer
 
 
 class MoeLoraLinear(TaskAwareLayer):
-    method: ClassVar[str] = "moelora"
+    method: ClassVar[str] = MOELORA.name
     spec = MOELORA
 
     def __init__(

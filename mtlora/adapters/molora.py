@@ -46,7 +46,7 @@ from mtlora.adapters.methods.parallel import MOLORA
 
 class MoLoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = False
-    method: ClassVar[str] = "molora"
+    method: ClassVar[str] = MOLORA.name
     spec = MOLORA
 
     def __init__(

@@ -230,7 +230,7 @@ class HydraLoraLinear(MultiHeadLoraLinear):
     """HydraLoRA (methods.md §1): token router on x, ``B_i = 0`` init, dropout on the input (per head by
     default, as the official code). Not mergeable."""
 
-    method = "hydralora"
+    method = HYDRALORA.name
     spec = HYDRALORA
     routed = HYDRALORA.token_routed
 
@@ -239,7 +239,7 @@ class RLoraLinear(HydraLoraLinear):
     """R-LoRA (methods.md §2): HydraLoRA + multi-head dropout on A's output + multi-head random init with
     the initial-output offset. Not mergeable."""
 
-    method = "rlora"
+    method = RLORA.name
     spec = RLORA
     routed = RLORA.token_routed
 
@@ -248,7 +248,7 @@ class MLoraLinear(MultiHeadLoraLinear):
     """M-LoRA (methods.md §3): R-LoRA without the router, heads summed (or averaged). Mergeable."""
 
     mergeable = True
-    method = "mlora"
+    method = MLORA.name
     spec = MLORA
     routed = MLORA.token_routed
 

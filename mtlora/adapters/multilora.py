@@ -36,7 +36,7 @@ from mtlora.adapters.methods.parallel import MULTILORA
 
 class MultiLoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
-    method: ClassVar[str] = "multilora"
+    method: ClassVar[str] = MULTILORA.name
     spec = MULTILORA
 
     def __init__(

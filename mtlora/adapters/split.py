@@ -48,7 +48,7 @@ class LoraSplitLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
     #: task ids are needed in training only (with split_routing=task), not in eval
     needs_task_ids: ClassVar[bool] = False
-    method: ClassVar[str] = "lora_split"
+    method: ClassVar[str] = LORA_SPLIT.name
     spec = LORA_SPLIT
 
     def __init__(

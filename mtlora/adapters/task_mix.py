@@ -39,7 +39,7 @@ from mtlora.adapters.task_aware import TaskAwareLayer
 class TaskMixLoraLinear(TaskAwareLayer):
     """MTL-LoRA's layer: task-specific Λ_t between a shared A and task-mixed up-projections (module doc)."""
 
-    method: ClassVar[str] = "mtl_lora"
+    method: ClassVar[str] = MTL_LORA.name
     spec = MTL_LORA
 
     def __init__(

@@ -139,3 +139,35 @@ def test_capabilities_replace_name_branches() -> None:
     assert get_spec("no_such_method") is None and "lora" in names
     with pytest.raises(ConfigError, match=r"adapter.method='nope': allowed values are \["):
         spec_of("nope")
+
+
+def test_adapter_modules_import_without_cycles() -> None:
+    """No module of mtlora.adapters reaches itself again through imports (top-level or inside functions); the
+    package ``__init__`` loads its names lazily and is left out."""
+    import ast
+
+    root = REPO / "mtlora" / "adapters"
+    graph: dict[str, set[str]] = {}
+    for p in root.rglob("*.py"):
+        name = ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mtlora.adapters."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("mtlora.adapters.")}
+        graph[name] = deps
+    graph = {m: {d for d in ds if d in graph and d != m} for m, ds in graph.items()}
+
+    def reaches(start: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == start:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += graph.get(m, ())
+        return False
+
+    assert [m for m in sorted(graph) if reaches(m)] == []

@@ -31,7 +31,7 @@ from mtlora.adapters import (
     save_adapter,
 )
 from mtlora.adapters.context import AdapterContext
-from mtlora.adapters.mtlora.layer import combine_experts
+from mtlora.adapters.mtlora.routing import combine_experts
 from mtlora.config import validate_config
 from mtlora.count import count
 from mtlora.errors import ConfigError

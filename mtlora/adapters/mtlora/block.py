@@ -44,7 +44,7 @@ from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.inject import replace_targets
 from mtlora.adapters.lora import lora_scaling
 from mtlora.adapters.methods.mtlora import DEFAULT_BLOCK_MODULES, MTLORA, PLACEMENTS
-from mtlora.adapters.mtlora.layer import (
+from mtlora.adapters.mtlora.routing import (
     add_balance_loss,
     combine_experts,
     group_router_probs,
@@ -61,7 +61,7 @@ BLOCK_KINDS = {"block_ffn": ("ffn",), "block_attn": ("attn",), "both": ("attn", 
 class BlockAdapter(AdapterLayer):
     """A routed low-rank path parallel to a decoder sub-block (``base_layer``, any module); see module doc."""
 
-    method = "mtlora"
+    method = MTLORA.name
     spec = MTLORA
 
     def __init__(
