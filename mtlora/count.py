@@ -16,12 +16,13 @@ Usage::
 Percentages are of the adapted model's total (base + adapter), as peft's ``print_trainable_parameters``
 reports them. A target list that matches no module fails with a ``ConfigError`` naming the modules there are.
 
-Router/gate parameters are the trainable tensors named in :data:`ROUTER_PARAMS` (token routers of
-HydraLoRA, R-LoRA, MoLoRA and mtLoRA; MOELoRA's task embedding and gate; MTL-LoRA's task mixing logits).
+Router/gate parameters are the trainable tensors that the method's spec names in ``router_params``
+(:class:`mtlora.adapters.spec.MethodSpec`: token routers of HydraLoRA, R-LoRA, MoLoRA and mtLoRA; MOELoRA's
+task embedding and gate; MTL-LoRA's task mixing logits).
 Papers differ on counting them: HydraLoRA's 0.341% (r=8 on q,v, 10 heads, LLaMA-2-7B) excludes the router,
 ``trainable % w/o router`` = ``(trainable − router) / (total − router)``; mtLoRA's 39.8 M includes it.
 
-LoraHub (``adapter.method=lorahub``) trains nothing: the table's trainable count is the one composed LoRA,
+LoraHub (``adapter.method=lorahub``, the spec's ``composes_library``) trains nothing: the table's trainable count is the one composed LoRA,
 while the papers count the library of ``K`` LoRAs it composes (HydraLoRA's 1.240% = 20 LoRAs r=8 on q,v;
 mtLoRA's 75.5M = 9 LoRAs r=16 on q,v). The table adds ``K``, ``K × trainable`` and its share
 ``K·t / (base + K·t)``. ``K`` is ``adapter.num_modules`` when set, else the number of library run dirs found
@@ -44,9 +45,6 @@ from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
 
-#: last name parts of the trainable parameters that route or gate (counted separately)
-ROUTER_PARAMS = ("lora_router", "lora_gate", "lora_task_embedding", "lora_task_logits")
-
 # Applied unless given on the command line: counting writes nothing (Hydra would otherwise create the run
 # dir of conf/hydra/default.yaml with `.hydra/` and a log file in it).
 NO_OUTPUT_OVERRIDES = {
@@ -59,15 +57,19 @@ NO_OUTPUT_OVERRIDES = {
 
 def count(cfg: DictConfig) -> dict[str, Any]:
     """Total / trainable parameters and adapted modules of ``cfg.model`` with ``cfg.adapter`` injected."""
-    from mtlora.adapters.inject import adapter_layers, inject_adapters  # torch: not on the --help path
+    from mtlora.adapters.base import adapter_layers  # torch: not on the --help path
+    from mtlora.adapters.inject import inject_adapters
+    from mtlora.adapters.registry import spec_of
     from mtlora.models.loading import count_parameters, meta_model
+
+    spec = spec_of(cfg.adapter.get("method"))
 
     model = meta_model(cfg.model)
     base = count_parameters(model)["total"]
     inject_adapters(model, cfg.adapter)
     params = count_parameters(model)
     layers = adapter_layers(model)
-    router = _router_parameters(model)
+    router = _router_parameters(model, spec.router_params)
     rest = params["trainable"] - router
     res = {
         "model": cfg.model.name,
@@ -83,7 +85,7 @@ def count(cfg: DictConfig) -> dict[str, Any]:
         "adapted_modules": len(layers),
         "adapted_kinds": sorted({n.rsplit(".", 1)[-1] for n in layers}),
     }
-    if cfg.adapter.get("method") == "lorahub":
+    if spec.composes_library:
         k, source = lorahub_library_size(cfg)
         lib = k * params["trainable"]
         res.update(
@@ -109,11 +111,11 @@ def lorahub_library_size(cfg: DictConfig) -> tuple[int, str]:
         return len(selected_tasks(cfg.data)), "one per data task"
 
 
-def _router_parameters(model) -> int:
-    """Trainable parameters whose name ends in one of :data:`ROUTER_PARAMS` (shared ones counted once)."""
+def _router_parameters(model, router_params: tuple[str, ...]) -> int:
+    """Trainable parameters whose name ends in one of ``router_params`` (shared ones counted once)."""
     seen: dict[int, int] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad and name.rsplit(".", 1)[-1] in ROUTER_PARAMS:
+        if p.requires_grad and name.rsplit(".", 1)[-1] in router_params:
             seen[id(p)] = p.numel()
     return sum(seen.values())
 

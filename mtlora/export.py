@@ -67,11 +67,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mtlora.adapters import adapter_layers, find_targets, merge_adapters
-from mtlora.adapters.base import AdapterLayer
-from mtlora.adapters.dora import DoraLinear
-from mtlora.adapters.lora import LoraLinear, lora_scaling
-from mtlora.adapters.multihead import MLoraLinear
-from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.adapters.lora import lora_scaling
+from mtlora.adapters.registry import all_specs, get_spec, spec_of
 from mtlora.errors import ConfigError
 from mtlora.load import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
 from mtlora.run.rundir import check_output_dir, load_resolved_config
@@ -80,9 +77,8 @@ from mtlora.utils.logging import console_logging
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main", "set_special_token_ids"]
 
 FORMATS = ("peft", "merged")
-#: the layer classes ``format=peft`` writes (module doc)
-PEFT_CLASSES = (LoraLinear, DoraLinear, MLoraLinear)
-PEFT_METHODS = sorted(m for m, c in ADAPTER_METHODS.items() if c in PEFT_CLASSES)
+#: the methods ``format=peft`` writes (their spec has a ``peft_form``; module doc)
+PEFT_METHODS = sorted(s.name for s in all_specs() if s.peft_form is not None)
 EXPORT_INFO = "mtlora_export.json"
 PEFT_PREFIX = "base_model.model."
 log = logging.getLogger("mtlora.export")
@@ -94,10 +90,11 @@ class ExportError(RuntimeError):
 
 def _check_method(run_dir: Path, method: str, fmt: str) -> None:
     """Fail before loading any weights when the run's adapter method has no form in ``fmt``."""
-    cls = ADAPTER_METHODS.get(method)
-    if cls is None:
+    spec = get_spec(method)
+    if spec is None:
         raise ExportError(f"run dir {run_dir}: adapter.method={method!r} is not a known adapter method")
-    if fmt == "peft" and cls not in PEFT_CLASSES:
+    cls = spec.layer_class()
+    if fmt == "peft" and spec.peft_form is None:
         if cls.mergeable:
             hint = " (try format=merged)"
         elif cls.per_task_mergeable:
@@ -122,7 +119,7 @@ def _resolve_task_id(run_dir: Path, cfg, task_id: int | str | None) -> tuple[int
     Raises :class:`ExportError` naming ``task_id`` when a task-aware run lacks it, when the value is not
     one of the run's tasks, or when a run that merges without one is given one."""
     method = cfg.adapter.method
-    per_task = ADAPTER_METHODS[method].per_task_mergeable
+    per_task = spec_of(method).layer_class().per_task_mergeable
     names = run_task_names(run_dir)
     if names is None:  # no adapter config: the config's task order (as training saves it)
         names = [str(n) for n in (cfg.data.get("select") or cfg.data.get("tasks") or [])]
@@ -227,21 +224,6 @@ def _write_info(out: Path, run_dir: Path, fmt: str, extra: dict | None = None) -
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _peft_tensors(layer: AdapterLayer) -> dict[str, torch.Tensor]:
-    """One layer's tensors under peft's key suffixes (module doc): LoRA ``A``/``B``, DoRA also ``m``,
-    M-LoRA as one LoRA ``B'A' = ΔW``."""
-    if isinstance(layer, MLoraLinear):
-        a, b = layer.lora_A.float(), layer.lora_B.float().sum(0) * layer.head_coef
-        if layer.has_offset:
-            a = torch.cat([a, layer.lora_offset_A.float()], dim=0)
-            b = torch.cat([b, -layer.lora_offset_B.float()], dim=1)
-        return {"lora_A.weight": a, "lora_B.weight": b * layer.scaling}
-    out = {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
-    if isinstance(layer, DoraLinear):
-        out["lora_magnitude_vector"] = layer.lora_magnitude
-    return out
-
-
 def export_peft(
     run_dir: str | Path,
     out: str | Path,
@@ -259,9 +241,13 @@ def export_peft(
     )
     layers = adapter_layers(model)
     kinds = {type(m) for m in layers.values()}
-    if len(kinds) != 1 or not kinds <= set(PEFT_CLASSES):
+    spec = spec_of(cfg.adapter.method)
+    if spec.peft_form is None or kinds != {spec.layer_class()}:
         found = sorted(k.__name__ for k in kinds)
-        raise ExportError(f"run dir {run_dir}: format=peft needs LoRA, DoRA or M-LoRA layers, found {found}")
+        raise ExportError(
+            f"run dir {run_dir}: format=peft needs the layers of one method with a peft form "
+            f"({PEFT_METHODS}), found {found}"
+        )
     a = cfg.adapter
     rank, alpha, rslora = int(a.rank), float(a.alpha), bool(a.use_rslora)
     for name, layer in layers.items():
@@ -272,11 +258,11 @@ def export_peft(
 
     weights: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        for key, t in _peft_tensors(layer).items():
+        for key, t in layer.peft_tensors().items():  # peft's key suffixes (module doc)
             weights[f"{PEFT_PREFIX}{name}.{key}"] = t.detach().float().cpu().contiguous()
     _check_finite(run_dir, weights)  # before anything is written
-    dora = kinds == {DoraLinear}
-    if kinds == {MLoraLinear}:  # one converted LoRA: scaling folded into B' (module doc)
+    dora = spec.peft_form == "dora"
+    if spec.peft_form == "lora_from_heads":  # one converted LoRA: scaling folded into B' (module doc)
         ranks = {int(w.shape[0]) for k, w in weights.items() if k.endswith("lora_A.weight")}
         if len(ranks) != 1:
             raise ExportError(f"run dir {run_dir}: M-LoRA layers of different ranks {sorted(ranks)}")

@@ -7,7 +7,7 @@ Two benchmarks (results: a markdown table on stdout, and a record appended to ``
    seven linear projections only (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, biases on q/k/v
    for Qwen2) is built; the data flow is ``h = x + o(q + repeat_kv(k·v))``, ``y = h + down(silu(gate(h))·up(h))``
    (no attention softmax, no norms: the benchmark isolates the cost of the adapted linears). Every method of
-   ``mtlora.adapters.registry.ADAPTER_METHODS`` (new registrations included automatically) is injected on the
+   ``mtlora.adapters.registry`` (new registrations included automatically) is injected on the
    same targets (``--targets``, default all seven), with its defaults read from ``conf/adapter/<method>.yaml``
    (OmegaConf; ``defaults:`` adapter parents merged first, ``num_tasks`` set to ``--num-tasks``). Task-aware
    methods (``needs_task_ids``) get random task ids through the adapter context. The input requires grad (as
@@ -21,12 +21,11 @@ Two benchmarks (results: a markdown table on stdout, and a record appended to ``
      (1, 2, … up to the first count over the budget; ranks the method rejects are skipped) so that the
      trainable count on the stack is closest to that of plain LoRA of rank R = ``--budget-rank`` on the
      same targets (the table shows the count and its ratio to the budget);
-   * ``rank`` ("same total rank", :data:`RANK_RULES`): ``per_head`` methods — shared-A multi-head
+   * ``rank`` ("same total rank", the spec's ``rank_rule``): ``per_head`` methods — shared-A multi-head
      (HydraLoRA, R-LoRA, M-LoRA, mtLoRA), parallel LoRAs (MultiLoRA) and full-rank experts (MoLoRA) — get
      rank R / heads per head, so the heads' ranks sum to R; ``total`` methods — MOELoRA and LoRA-Split,
      whose ``rank`` is already the total split over experts/splits — and all others (LoRA, DoRA, MTL-LoRA
-     with its ``num_up`` mixed up-projections) get rank R. Unlisted new methods: ``per_head`` if their
-     config has ``num_heads``/``num_loras``, else ``total``.
+     with its ``num_up`` mixed up-projections) get rank R.
 
    Block-level placements (mtLoRA's default ``placement: block_ffn``) ignore ``target_modules`` and wrap the
    ``mlp`` sub-block instead; model-level step regularisers (``context.regularizers``, e.g. mtLoRA's spectral
@@ -65,311 +64,67 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-if str(REPO) not in sys.path:  # `python scripts/bench_adapters.py` without an installed package
-    sys.path.insert(0, str(REPO))
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:  # the benchmark's parts (scripts/adapter_bench/)
+    sys.path.insert(0, str(SCRIPTS))
+
+from adapter_bench.budget import (  # noqa: E402
+    adapter_config,
+    count_on_meta,
+    describe,
+    match_budget,
+    multiplicity_key,
+    rank_rule,
+)
+from adapter_bench.common import ALL_TARGETS, CONF, DTYPES, MIB, REPO, Skip  # noqa: E402
+from adapter_bench.measure import LiveTensorBytes, peak_step_bytes, sync, time_steps  # noqa: E402
+from adapter_bench.peft_compare import bench_peft  # noqa: E402
+from adapter_bench.report import adapters_table, machine, peft_table  # noqa: E402
+from adapter_bench.stack import build_stack, layer_shape, load_yaml_with_defaults, shape_presets  # noqa: E402
 
 from mtlora.adapters.inject import inject_adapters  # noqa: E402
-from mtlora.adapters.registry import ADAPTER_METHODS  # noqa: E402
+from mtlora.adapters.registry import get_spec, method_names  # noqa: E402
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: the key holding a method's number of heads / LoRAs / experts / splits (set to ``--heads``)
-MULTIPLICITY_KEYS = ("num_heads", "num_loras", "num_experts", "num_splits")
-#: ``--match rank``: how ``adapter.rank`` relates to the total rank R, per method. ``per_head``: ``rank`` is
-#: the rank of each of the n heads / LoRAs / experts (rank = R / n); ``total``: ``rank`` is already the total
-#: (split over the experts / splits; rank = R). Methods not listed: ``per_head`` when their config has
-#: ``num_heads`` or ``num_loras``, else ``total``.
-RANK_RULES = {
-    "hydralora": "per_head",
-    "rlora": "per_head",
-    "mlora": "per_head",
-    "mtlora": "per_head",
-    "multilora": "per_head",
-    "molora": "per_head",
-    "moelora": "total",
-    "lora_split": "total",
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MIB = 2**20
-
-
-class Skip(Exception):
-    """A method that cannot be benchmarked here (reported with the reason, not raised)."""
-
-
-# --------------------------------------------------------------------------------------------- shapes
-
-
-def load_yaml_with_defaults(group: str, name: str) -> DictConfig:
-    """``conf/<group>/<name>.yaml`` with same-group ``defaults:`` entries merged first (other groups ignored)."""
-    path = CONF / group / f"{name}.yaml"
-    if not path.is_file():
-        raise Skip(f"no conf/{group}/{name}.yaml")
-    cfg = OmegaConf.load(path)
-    defaults = cfg.pop("defaults", None) or []
-    merged = OmegaConf.create()
-    for entry in defaults:
-        if isinstance(entry, str) and entry != "_self_":
-            merged = OmegaConf.merge(merged, load_yaml_with_defaults(group, entry))
-    return OmegaConf.merge(merged, cfg)
-
-
-def shape_presets() -> list[str]:
-    return sorted(
-        p.stem for p in (CONF / "model").glob("*.yaml") if "arch" in load_yaml_with_defaults("model", p.stem)
-    )
-
-
-def layer_shape(name: str) -> dict[str, Any]:
-    arch = load_yaml_with_defaults("model", name).arch
-    hidden, heads = int(arch.hidden_size), int(arch.num_attention_heads)
-    head_dim = hidden // heads
-    return {
-        "shape": name,
-        "model_type": str(arch.model_type),
-        "hidden": hidden,
-        "intermediate": int(arch.intermediate_size),
-        "heads": heads,
-        "kv_heads": int(arch.num_key_value_heads),
-        "head_dim": head_dim,
-    }
-
-
-class _Attn(nn.Module):
-    def __init__(self, s: dict[str, Any], bias: bool) -> None:
-        super().__init__()
-        d, kv = s["hidden"], s["kv_heads"] * s["head_dim"]
-        self.q_proj = nn.Linear(d, d, bias=bias)
-        self.k_proj = nn.Linear(d, kv, bias=bias)
-        self.v_proj = nn.Linear(d, kv, bias=bias)
-        self.o_proj = nn.Linear(d, d, bias=False)
-        self.groups, self.head_dim = s["heads"] // s["kv_heads"], s["head_dim"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kv = self.k_proj(x) * self.v_proj(x)
-        kv = kv.unflatten(-1, (-1, self.head_dim)).repeat_interleave(self.groups, dim=-2).flatten(-2)
-        return self.o_proj(self.q_proj(x) + kv)
-
-
-class _Mlp(nn.Module):
-    def __init__(self, s: dict[str, Any]) -> None:
-        super().__init__()
-        d, f = s["hidden"], s["intermediate"]
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, s: dict[str, Any]) -> None:
-        super().__init__()
-        self.self_attn = _Attn(s, bias=s["model_type"] == "qwen2")
-        self.mlp = _Mlp(s)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(x)
-        return h + self.mlp(h)
-
-
-class LinearStack(nn.Module):
-    """``layers`` decoder layers reduced to their seven projections (module names as in HF Qwen2/LLaMA)."""
-
-    def __init__(self, shape: dict[str, Any], layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(_Block(shape) for _ in range(layers))
-        # what block-level adapters (mtLoRA) read from a HF model
-        self.config = SimpleNamespace(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def build_stack(
-    shape: dict[str, Any], layers: int, device: str | torch.device, dtype: torch.dtype
-) -> LinearStack:
-    with torch.device(device):
-        stack = LinearStack(shape, layers)
-    stack = stack.to(dtype)
-    stack.requires_grad_(False)
-    return stack
-
-
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# --------------------------------------------------------------------------------------------- configs
-
-
-def adapter_config(method: str, args: argparse.Namespace) -> DictConfig:
-    """The method's ``conf/adapter`` defaults with the benchmark's targets, heads and task count."""
-    cfg = load_yaml_with_defaults("adapter", method)
-    if cfg.get("method") != method:
-        raise Skip(f"conf/adapter/{method}.yaml has method={cfg.get('method')!r}")
-    if "rank" not in cfg:
-        raise Skip("no adapter.rank to set the budget with")
-    cfg.target_modules = list(args.targets)
-    if "num_tasks" in cfg:
-        cfg.num_tasks = args.num_tasks
-    if args.dropout is not None:
-        cfg.dropout = args.dropout
-    key = multiplicity_key(cfg)
-    if key is not None and args.heads is not None:
-        cfg[key] = args.heads
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as e:  # an interpolation this script does not provide
-        raise Skip(f"config does not resolve outside Hydra: {e}") from e
-    return cfg
-
-
-def multiplicity_key(cfg: DictConfig) -> str | None:
-    return next((k for k in MULTIPLICITY_KEYS if k in cfg), None)
-
-
-def rank_rule(cfg: DictConfig) -> str:
-    default = "per_head" if any(k in cfg for k in ("num_heads", "num_loras")) else "total"
-    return RANK_RULES.get(str(cfg.method), default)
-
-
-def count_on_meta(cfg: DictConfig, shape: dict[str, Any], layers: int) -> int:
-    stack = build_stack(shape, layers, "meta", torch.float32)
-    inject_adapters(stack, cfg)
-    return trainable(stack)
-
-
-def match_budget(cfg: DictConfig, args: argparse.Namespace, shape: dict[str, Any], budget: int) -> str:
-    """Set ``cfg.rank`` for the budget (see module doc); returns the rule applied, for the table."""
-    r = args.budget_rank
-    key = multiplicity_key(cfg)
-    if args.match == "rank":
-        if key is not None and rank_rule(cfg) == "per_head":
-            n = int(cfg[key])
-            if r % n:
-                raise Skip(f"--budget-rank {r} is not a multiple of {key}={n}")
-            cfg.rank = r // n
-            return f"rank {r}/{n} per head"
-        cfg.rank = r
-        return f"rank {r}"
-    best: tuple[int, int] | None = None
-    error = ""
-    for cand in range(1, 64 * r + 1):  # the count grows with the rank: stop at the first one over budget
-        cfg.rank = cand
-        try:
-            n = count_on_meta(cfg, shape, args.layers)
-        except Exception as e:  # a rank the method rejects (e.g. not a multiple of num_experts)
-            error = f"{type(e).__name__}: {e}"
-            continue
-        if best is None or abs(n - budget) < abs(best[1] - budget):
-            best = (cand, n)
-        if n >= budget:
-            break
-    if best is None:
-        raise Skip(f"no rank in 1..{64 * r} builds on the stack ({error})")
-    cfg.rank = best[0]
-    return "closest params"
-
-
-def describe(cfg: DictConfig | None) -> str:
-    if cfg is None:
-        return "-"
-    key = multiplicity_key(cfg)
-    return f"r={cfg.rank}" + (f", {key}={cfg[key]}" if key else "")
-
-
-# --------------------------------------------------------------------------------------------- measuring
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Running sum of the bytes of tensor storages created by ops while active, and its peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._tracked: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._tracked.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-        }
-        for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            st = t.untyped_storage()
-            key = id(st)
-            if key in inputs or key in self._tracked:
-                continue
-            nbytes = st.nbytes()
-            self._tracked.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._free, key, nbytes)
-        return out
-
-
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak memory of one ``step`` above what was allocated before it (see module doc)."""
-    if device.type == "cuda":
-        sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with LiveTensorBytes() as tracker:
-        step()
-    return tracker.peak
-
-
-def time_steps(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-# --------------------------------------------------------------------------------------------- adapters
+__all__ = [
+    "ALL_TARGETS",
+    "CONF",
+    "DTYPES",
+    "LiveTensorBytes",
+    "MIB",
+    "REPO",
+    "Skip",
+    "adapter_config",
+    "adapters_table",
+    "bench_adapters",
+    "bench_peft",
+    "build_stack",
+    "count_on_meta",
+    "describe",
+    "layer_shape",
+    "load_yaml_with_defaults",
+    "machine",
+    "main",
+    "match_budget",
+    "multiplicity_key",
+    "parse_args",
+    "peak_step_bytes",
+    "peft_table",
+    "prepare",
+    "rank_rule",
+    "shape_presets",
+    "sync",
+    "time_steps",
+    "torch",
+]
 
 
 def prepare(
@@ -420,13 +175,13 @@ def bench_adapters(args: argparse.Namespace, device: torch.device) -> dict[str, 
     lora_cfg = adapter_config("lora", args)
     lora_cfg.rank = args.budget_rank
     budget = count_on_meta(lora_cfg, shape, args.layers)
-    methods = list(ADAPTER_METHODS) if not args.methods else list(args.methods)
+    methods = list(method_names()) if not args.methods else list(args.methods)
     rows: list[dict[str, Any]] = []
     steps: dict[int, Callable[[], None]] = {}
     for m in [None, *methods]:
-        if m is not None and m not in ADAPTER_METHODS:
+        if m is not None and get_spec(m) is None:
             rows.append(
-                {"method": m, "status": "skipped: not in ADAPTER_METHODS", "config": "-", "rule": "-"}
+                {"method": m, "status": "skipped: not a registered method", "config": "-", "rule": "-"}
             )
             continue
         row, step = prepare(m, args, shape, budget, device)
@@ -455,136 +210,6 @@ def bench_adapters(args: argparse.Namespace, device: torch.device) -> dict[str, 
             r["time_x_lora"] = r["median_ms"] / ref["median_ms"]
             r["mem_x_lora"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
     return {"shape": shape, "budget_rank": args.budget_rank, "budget_params": budget, "rows": rows}
-
-
-# --------------------------------------------------------------------------------------------- peft
-
-
-def bench_peft(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
-
-    from mtlora.models.loading import build_model
-
-    mcfg = load_yaml_with_defaults("model", args.peft_model)
-    mcfg.init = "random"
-    mcfg.dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
-    if args.peft_layers is not None:
-        mcfg.arch.num_hidden_layers = args.peft_layers
-    lcfg = load_yaml_with_defaults("adapter", "lora")
-    lcfg.rank = args.budget_rank
-    lcfg.target_modules = list(args.targets)
-    if args.dropout is not None:
-        lcfg.dropout = args.dropout
-
-    def ours() -> nn.Module:
-        m = build_model(mcfg)
-        inject_adapters(m, lcfg)
-        return m
-
-    def theirs() -> nn.Module:
-        pc = LoraConfig(
-            r=int(lcfg.rank),
-            lora_alpha=float(lcfg.alpha),
-            lora_dropout=float(lcfg.dropout),
-            target_modules=list(args.targets),
-            bias="none",
-            use_rslora=bool(lcfg.use_rslora),
-        )
-        return get_peft_model(build_model(mcfg), pc)
-
-    batch, seq = args.peft_batch or args.batch, args.peft_seq or args.seq
-    runs: dict[str, dict[str, Any]] = {}
-    steps: dict[str, Callable[[], None]] = {}
-    for name, make in (("mtlora lora", ours), ("peft LoRA", theirs)):
-        torch.manual_seed(args.seed)
-        model = make().to(device)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        vocab = model.config.vocab_size if hasattr(model, "config") else model.base_model.config.vocab_size
-        g = torch.Generator().manual_seed(args.seed)
-        ids = torch.randint(vocab, (batch, seq), generator=g).to(device)
-
-        def step(model=model, opt=opt, ids=ids) -> None:
-            opt.zero_grad(set_to_none=True)
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-            out.loss.backward()
-            opt.step()
-
-        steps[name] = step
-        runs[name] = {"impl": name, "trainable": sum(p.numel() for p in params), "times": []}
-    for step in steps.values():  # warm-up (also creates AdamW's state)
-        for _ in range(max(args.warmup, 1)):
-            step()
-    rounds = max(1, min(args.rounds, args.repeats))
-    for k in range(rounds):  # alternate the two models so that drift hits both
-        n = args.repeats // rounds + (1 if k < args.repeats % rounds else 0)
-        for name, step in steps.items():
-            runs[name]["times"] += time_steps(step, device, 0, n)
-    for name, step in steps.items():
-        r = runs[name]
-        r["median_ms"] = 1e3 * statistics.median(r["times"])
-        r["min_ms"] = 1e3 * min(r["times"])
-        r["tokens_per_s"] = batch * seq / (r["median_ms"] / 1e3)
-        r["peak_mib"] = peak_step_bytes(step, device) / MIB
-        r["times"] = [round(1e3 * t, 3) for t in r["times"]]
-    ref = runs["peft LoRA"]
-    for r in runs.values():
-        r["time_x_peft"] = r["median_ms"] / ref["median_ms"]
-        r["mem_x_peft"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
-    arch = OmegaConf.to_container(mcfg.arch)
-    return {"model": args.peft_model, "arch": arch, "batch": batch, "seq": seq, "rows": list(runs.values())}
-
-
-# --------------------------------------------------------------------------------------------- output
-
-
-def _f(v: Any, fmt: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
-def adapters_table(res: dict[str, Any]) -> str:
-    lines = [
-        "| method | config | trainable | × LoRA params | fwd+bwd median ms | min ms | × LoRA time (median) "
-        "| peak step MiB | × LoRA mem | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['config']} | {_f(r.get('trainable'), ',')} | {_f(r.get('params_x_lora'), '.3f')} "
-            f"| {_f(r.get('median_ms'), '.2f')} | {_f(r.get('min_ms'), '.2f')} | {_f(r.get('time_x_lora'), '.2f')} "
-            f"| {_f(r.get('peak_mib'), '.1f')} "
-            f"| {_f(r.get('mem_x_lora'), '.2f')} | {r['status']} |"
-        )
-    return "\n".join(lines)
-
-
-def peft_table(res: dict[str, Any]) -> str:
-    lines = [
-        "| implementation | trainable | step median ms | min ms | tokens/s (median) | peak step MiB | × peft time "
-        "| × peft mem |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['impl']} | {r['trainable']:,} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['tokens_per_s']:.0f} "
-            f"| {r['peak_mib']:.1f} | {r['time_x_peft']:.3f} | {_f(r['mem_x_peft'], '.3f')} |"
-        )
-    return "\n".join(lines)
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -3,18 +3,25 @@
 An adapter layer wraps a frozen ``nn.Linear`` (``base_layer``) and adds a trainable update:
 ``h = W0 x + Δ(x)``. Subclasses implement :meth:`delta`; mergeable ones also implement
 :meth:`delta_weight` so that ``W = W0 + ΔW`` can be folded into the base weight and taken out again.
-Task-aware layers (:class:`mtlora.adapters.mtl_lora.TaskAwareLayer`) merge one task's
+Task-aware layers (:class:`mtlora.adapters.task_aware.TaskAwareLayer`) merge one task's
 ``W = W0 + ΔW_t`` instead (``merge(task_id)``, :attr:`per_task_mergeable`).
+
+A layer class names its method's :class:`~mtlora.adapters.spec.MethodSpec` (:attr:`spec`): the spec gives
+the knobs :meth:`from_config` reads, their defaults and checks (:meth:`resolve_knobs`), and whether the
+layer routes tokens (:attr:`token_routed`). Diagnostics read a layer through :meth:`router_weights` and
+:meth:`up_heads`, never through attribute names of one method.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from mtlora.adapters.context import AdapterContext
+from mtlora.adapters.spec import MethodSpec
 from mtlora.errors import ConfigError
 
 
@@ -36,11 +43,8 @@ class AdapterLayer(nn.Module):
     per_task_mergeable: ClassVar[bool] = False
     #: whether the layer needs ``context.task_ids`` in every forward
     needs_task_ids: ClassVar[bool] = False
-    #: optional knobs read from ``adapter.<key>`` by :meth:`from_config` (a missing key gives None, and the
-    #: constructor then uses the value here, the class's documented default)
-    defaults: ClassVar[dict] = {}
-    #: constructor arguments that ``adapter.<key>`` must provide besides rank, alpha, dropout, use_rslora
-    required_keys: ClassVar[tuple[str, ...]] = ()
+    #: the method whose knobs the constructor reads (defaults, checks; see the module doc)
+    spec: ClassVar[MethodSpec | None] = None
 
     def __init__(self, base_layer: nn.Linear, name: str, context: AdapterContext) -> None:
         super().__init__()
@@ -55,13 +59,18 @@ class AdapterLayer(nn.Module):
 
     @classmethod
     def config_knobs(cls) -> tuple[str, ...]:
-        """The optional knobs :meth:`from_config` reads (all of :attr:`defaults`)."""
-        return tuple(cls.defaults)
+        """The knobs of :attr:`spec` that :meth:`from_config` hands to the constructor: the top-level keys the
+        constructor takes (a missing key gives None, which the constructor replaces by the spec's default;
+        a knob used elsewhere, e.g. by a ``place_adapters`` seam, is not passed)."""
+        if cls.spec is None:
+            return ()
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(k.name for k in cls.spec.knobs if k.name in params)
 
     @classmethod
     def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg):
-        """Build the layer from the ``adapter`` config: rank, alpha, dropout, use_rslora, the
-        :attr:`required_keys` and the optional :meth:`config_knobs`."""
+        """Build the layer from the ``adapter`` config: rank, alpha, dropout, use_rslora and the spec's
+        :meth:`config_knobs`."""
         return cls(
             base_layer,
             name,
@@ -70,9 +79,29 @@ class AdapterLayer(nn.Module):
             alpha=cfg.alpha,
             dropout=cfg.dropout,
             use_rslora=cfg.use_rslora,
-            **{k: cfg[k] for k in cls.required_keys},
             **{k: cfg.get(k) for k in cls.config_knobs()},
         )
+
+    @classmethod
+    def resolve_knobs(cls, name: str, **given) -> dict:
+        """``given`` knob values (None = not given) with the spec's defaults filled in, checked against the
+        spec (``rank`` too); raises a :class:`ConfigError` naming ``adapter.<key>`` and the layer."""
+        check_arg(name, "rank", given.get("rank"), is_int(given.get("rank"), 1), "an integer >= 1")
+        return cls.spec.resolve(name, given) if cls.spec else dict(given)
+
+    @property
+    def token_routed(self) -> bool:
+        """Whether the update weights heads / experts by a router on each token's input."""
+        return bool(self.spec and self.spec.token_routed)
+
+    def router_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token routing weights of the input ``x``: ``(..., N)``, or ``(..., G, N)`` per routing group,
+        fp32 (token-routed layers only; the dense probabilities, before any top-k)."""
+        raise TypeError(f"{type(self).__name__} has no token router")
+
+    def up_heads(self) -> torch.Tensor | None:
+        """The up-projection heads / experts ``B_i`` as ``(N, d_out, r)`` (a view), or None for one."""
+        return None
 
     @property
     def in_features(self) -> int:
@@ -123,3 +152,8 @@ class AdapterLayer(nn.Module):
             return
         self._fold(self.delta_weight(), -1.0)
         self.merged = False
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter layer of ``model`` by module name, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}

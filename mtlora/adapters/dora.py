@@ -30,17 +30,18 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
+from mtlora.adapters.methods.dora import DORA
 
 
 class DoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
-    method: ClassVar[str] = "dora"
+    method: ClassVar[str] = DORA.name
+    spec = DORA
 
     def __init__(
         self,
@@ -51,9 +52,11 @@ class DoraLinear(AdapterLayer):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
-        detach_norm: bool = True,
+        detach_norm: bool | None = None,
     ) -> None:
+        """``detach_norm`` None takes the spec's default (:mod:`mtlora.adapters.methods.dora`)."""
         super().__init__(base_layer, name, context)
+        detach_norm = self.resolve_knobs(name, rank=rank, detach_norm=detach_norm)["detach_norm"]
         self.rank = rank
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
@@ -66,19 +69,6 @@ class DoraLinear(AdapterLayer):
         # the ΔW folded into the base weight by merge() (None when unmerged); not saved with the adapter
         self._merged_delta: torch.Tensor | None = None
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, base_layer: nn.Linear, name: str, context: AdapterContext, cfg: DictConfig):
-        return cls(
-            base_layer,
-            name,
-            context,
-            cfg.rank,
-            cfg.alpha,
-            cfg.dropout,
-            cfg.use_rslora,
-            detach_norm=cfg.get("detach_norm", True),
-        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -156,6 +146,14 @@ class DoraLinear(AdapterLayer):
         self.base_layer.weight.sub_(self._merged_delta)
         self._merged_delta = None
         self.merged = False
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """LoRA ``A``, ``B`` and the magnitude ``m`` under peft's key suffixes (``use_dora=True``)."""
+        return {
+            "lora_A.weight": self.lora_A,
+            "lora_B.weight": self.lora_B,
+            "lora_magnitude_vector": self.lora_magnitude,
+        }
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout_p}, detach_norm={self.detach_norm}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
-from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.adapters.registry import spec_of
 from mtlora.errors import ConfigError
 
 OUTPUT_HEADS = ("lm_head",)
@@ -100,10 +100,7 @@ def inject_adapters(model: nn.Module, adapter_cfg: DictConfig) -> AdapterContext
     Freezes every base parameter so that only adapter parameters train. Returns the
     :class:`AdapterContext` shared by the new layers (also stored as ``model.adapter_context``).
     """
-    method = adapter_cfg.method
-    if method not in ADAPTER_METHODS:
-        raise ConfigError(f"adapter.method={method!r}: allowed values are {sorted(ADAPTER_METHODS)}")
-    cls = ADAPTER_METHODS[method]
+    cls = spec_of(adapter_cfg.method).layer_class()
     base_params = list(model.parameters())
     context = AdapterContext()
     # seam: a method class may place its layers itself (classmethod ``place_adapters(model, adapter_cfg,
@@ -119,7 +116,3 @@ def inject_adapters(model: nn.Module, adapter_cfg: DictConfig) -> AdapterContext
     context.num_layers = len(targets)
     object.__setattr__(model, "adapter_context", context)
     return context
-
-
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}

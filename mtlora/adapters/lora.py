@@ -20,6 +20,7 @@ from torch import nn
 
 from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
+from mtlora.adapters.methods.lora import LORA
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -28,6 +29,7 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 class LoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
+    spec = LORA
 
     def __init__(
         self,
@@ -61,3 +63,7 @@ class LoraLinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under peft's key suffixes (``mtlora.export format=peft``)."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}

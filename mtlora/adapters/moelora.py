@@ -22,7 +22,7 @@ For a row of task ``t``:
 Each row uses its own task id (``context.task_ids``, required in train and eval). Not mergeable for all
 tasks at once; merged per task: ``merge(task_id=t)`` folds ``ΔW_t = s Σ_i ω_i(t) B_i A_i``
 (:meth:`merged_delta_weight`) into the base weight, after which the layer serves rows of task ``t`` only
-(:class:`~mtlora.adapters.mtl_lora.TaskAwareLayer`).
+(:class:`~mtlora.adapters.task_aware.TaskAwareLayer`).
 """
 
 from __future__ import annotations
@@ -34,26 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.adapters.base import check_arg, is_int
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
-from mtlora.adapters.mtl_lora import TaskAwareLayer
-
-#: input_per_head: one dropout mask per expert; input_shared: one mask for all experts
-DROPOUT_PLACES = ("input_per_head", "input_shared")
-#: rows of the task embedding: T + 1 (the released code) or T
-EMBEDDING_ROWS = ("tasks_plus_one", "tasks")
+from mtlora.adapters.methods.task_aware import MOELORA
+from mtlora.adapters.task_aware import TaskAwareLayer
 
 
 class MoeLoraLinear(TaskAwareLayer):
-    method: ClassVar[str] = "moelora"
-    required_keys: ClassVar[tuple[str, ...]] = ("num_tasks",)
-    defaults: ClassVar[dict] = {
-        "num_experts": 4,
-        "task_embed_dim": 64,
-        "dropout_place": "input_per_head",
-        "task_embedding_rows": "tasks_plus_one",
-    }
+    method: ClassVar[str] = MOELORA.name
+    spec = MOELORA
 
     def __init__(
         self,
@@ -71,26 +60,17 @@ class MoeLoraLinear(TaskAwareLayer):
         task_embedding_rows: str | None = None,
     ) -> None:
         super().__init__(base_layer, name, context)
-        d = self.defaults
-        num_experts = d["num_experts"] if num_experts is None else num_experts
-        task_embed_dim = d["task_embed_dim"] if task_embed_dim is None else task_embed_dim
-        dropout_place = d["dropout_place"] if dropout_place is None else dropout_place
-        rows = d["task_embedding_rows"] if task_embedding_rows is None else task_embedding_rows
-        check_arg(name, "rank", rank, is_int(rank, 1), "an integer >= 1")
-        check_arg(name, "num_tasks", num_tasks, is_int(num_tasks, 1), "an integer >= 1")
-        check_arg(name, "num_experts", num_experts, is_int(num_experts, 1), "an integer >= 1")
-        check_arg(
+        v = self.resolve_knobs(
             name,
-            "rank",
-            rank,
-            rank % num_experts == 0,
-            f"a multiple of adapter.num_experts={num_experts} (each expert gets rank/num_experts)",
+            rank=rank,
+            num_tasks=num_tasks,
+            num_experts=num_experts,
+            task_embed_dim=task_embed_dim,
+            dropout_place=dropout_place,
+            task_embedding_rows=task_embedding_rows,
         )
-        check_arg(name, "task_embed_dim", task_embed_dim, is_int(task_embed_dim, 1), "an integer >= 1")
-        check_arg(
-            name, "dropout_place", dropout_place, dropout_place in DROPOUT_PLACES, f"one of {DROPOUT_PLACES}"
-        )
-        check_arg(name, "task_embedding_rows", rows, rows in EMBEDDING_ROWS, f"one of {EMBEDDING_ROWS}")
+        num_experts, task_embed_dim = v["num_experts"], v["task_embed_dim"]
+        dropout_place, rows = v["dropout_place"], v["task_embedding_rows"]
         self.rank = rank
         self.num_tasks = num_tasks
         self.num_experts = num_experts
@@ -119,6 +99,10 @@ class MoeLoraLinear(TaskAwareLayer):
         nn.init.zeros_(self.lora_B)
         nn.init.normal_(self.lora_task_embedding, 0.0, 1.0)
         nn.init.kaiming_uniform_(self.lora_gate, a=math.sqrt(5))
+
+    def up_heads(self) -> torch.Tensor:
+        """Expert ``i``'s ``B_i`` = columns ``[i·r_e, (i+1)·r_e)`` of ``lora_B``, as ``(E, d_out, r_e)``."""
+        return self.lora_B.view(self.out_features, self.num_experts, self.expert_rank).permute(1, 0, 2)
 
     def gate_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """``softmax(W_g Emb[t])`` per id, ``(len(ids), E)``, fp32 (autocast off)."""

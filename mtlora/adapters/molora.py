@@ -37,15 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer, check_arg, is_int
+from mtlora.adapters.balance import cv_squared
+from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
+from mtlora.adapters.methods.parallel import MOLORA
 
 
 class MoLoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = False
-    method: ClassVar[str] = "molora"
-    defaults: ClassVar[dict] = {"num_experts": 4, "top_k": None, "balance_weight": 0.0}
+    method: ClassVar[str] = MOLORA.name
+    spec = MOLORA
 
     def __init__(
         self,
@@ -60,29 +62,13 @@ class MoLoraLinear(AdapterLayer):
         top_k: int | None = None,
         balance_weight: float | None = None,
     ) -> None:
-        """Knobs left ``None`` take the class's documented default (:attr:`defaults`; ``top_k`` None = dense)."""
+        """Knobs left ``None`` take the spec's default (:mod:`mtlora.adapters.methods.parallel`; ``top_k`` None =
+        dense)."""
         super().__init__(base_layer, name, context)
-        d = self.defaults
-        num_experts = d["num_experts"] if num_experts is None else num_experts
-        balance_weight = d["balance_weight"] if balance_weight is None else balance_weight
-        check_arg(name, "rank", rank, is_int(rank, 1), "an integer >= 1")
-        check_arg(name, "num_experts", num_experts, is_int(num_experts, 1), "an integer >= 1")
-        check_arg(
-            name,
-            "top_k",
-            top_k,
-            top_k is None or (is_int(top_k, 1) and top_k <= num_experts),
-            f"null (dense routing) or an integer in [1, adapter.num_experts={num_experts}]",
+        v = self.resolve_knobs(
+            name, rank=rank, num_experts=num_experts, top_k=top_k, balance_weight=balance_weight
         )
-        check_arg(
-            name,
-            "balance_weight",
-            balance_weight,
-            isinstance(balance_weight, int | float)
-            and not isinstance(balance_weight, bool)
-            and balance_weight >= 0,
-            "a number >= 0",
-        )
+        num_experts, top_k, balance_weight = v["num_experts"], v["top_k"], v["balance_weight"]
         self.rank = rank
         self.num_experts = num_experts
         self.top_k = top_k
@@ -107,7 +93,7 @@ class MoLoraLinear(AdapterLayer):
 
     # ---------------------------------------------------------------- routing
 
-    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
+    def router_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Dense routing probabilities ``softmax(W_g x)``, ``(..., N)``, always fp32 (autocast off)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             return torch.softmax(F.linear(x.float(), self.lora_router.float()), dim=-1)
@@ -122,11 +108,13 @@ class MoLoraLinear(AdapterLayer):
 
     def balance_loss(self, probs: torch.Tensor) -> torch.Tensor:
         """``cv²`` of the mean routing probability per expert over all tokens of ``probs`` (fp32 scalar)."""
-        mean_p = probs.reshape(-1, self.num_experts).mean(0)
-        return mean_p.var() / (mean_p.mean() ** 2 + 1e-10)
+        return cv_squared(probs.reshape(-1, self.num_experts).mean(0))
+
+    def up_heads(self) -> torch.Tensor:
+        return self.lora_B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.router_probs(x)
+        probs = self.router_weights(x)
         if self.training and self.balance_weight > 0 and self.num_experts > 1:
             layers = max(self.context.num_layers, 1)
             self.add_aux_loss("balance", self.balance_weight * self.balance_loss(probs) / layers)

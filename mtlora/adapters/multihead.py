@@ -45,33 +45,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer, check_arg
+from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
-
-DROPOUT_PLACES = ("input_per_head", "input_shared", "A_out_per_head")
-INITS = ("zero_B", "rlora")
-INIT_SCALES = ("paper", "code", "none")
-COMBINES = ("sum", "mean")
+from mtlora.adapters.methods.multihead import HYDRALORA, MLORA, RLORA
 
 
 class MultiHeadLoraLinear(AdapterLayer):
     """Shared ``A``, ``N`` batched ``B`` heads; a token router (``routed``) or a fixed sum/mean."""
 
-    #: whether the heads are weighted by a per-token softmax router (then the layer cannot merge)
-    routed: ClassVar[bool] = True
+    #: whether the heads are weighted by a per-token softmax router (then the layer cannot merge; the
+    #: spec's ``token_routed``)
+    routed: ClassVar[bool] = HYDRALORA.token_routed
     #: ``adapter.method`` of the class (for messages)
     method: ClassVar[str] = "multihead"
-    #: defaults of the optional knobs (constructor arguments left None, keys missing from the config)
-    required_keys: ClassVar[tuple[str, ...]] = ("num_heads",)
-    defaults: ClassVar[dict] = {
-        "dropout_place": "input_per_head",
-        "init": "zero_B",
-        "init_scale": "code",
-        "stable_gamma": 64.0,
-        "init_offset": True,
-        "combine": "sum",
-    }
+    spec = HYDRALORA
 
     def __init__(
         self,
@@ -90,33 +78,22 @@ class MultiHeadLoraLinear(AdapterLayer):
         init_offset: bool | None = None,
         combine: str | None = None,
     ) -> None:
-        """Knobs left ``None`` take the class's documented default (:attr:`defaults`)."""
+        """Knobs left ``None`` take the spec's default (:mod:`mtlora.adapters.methods.multihead`)."""
         super().__init__(base_layer, name, context)
-        d = self.defaults
-        dropout_place = d["dropout_place"] if dropout_place is None else dropout_place
-        init = d["init"] if init is None else init
-        init_scale = d["init_scale"] if init_scale is None else init_scale
-        stable_gamma = d["stable_gamma"] if stable_gamma is None else stable_gamma
-        init_offset = d["init_offset"] if init_offset is None else init_offset
-        combine = d["combine"] if combine is None else combine
-        check_arg(
-            name, "num_heads", num_heads, isinstance(num_heads, int) and num_heads >= 1, "an integer >= 1"
-        )
-        check_arg(name, "rank", rank, isinstance(rank, int) and rank >= 1, "an integer >= 1")
-        check_arg(
-            name, "dropout_place", dropout_place, dropout_place in DROPOUT_PLACES, f"one of {DROPOUT_PLACES}"
-        )
-        check_arg(name, "init", init, init in INITS, f"one of {INITS}")
-        check_arg(name, "init_scale", init_scale, init_scale in INIT_SCALES, f"one of {INIT_SCALES}")
-        check_arg(
-            name,
-            "stable_gamma",
-            stable_gamma,
-            isinstance(stable_gamma, int | float) and not isinstance(stable_gamma, bool) and stable_gamma > 0,
-            "a number > 0",
+        knobs = dict(
+            rank=rank,
+            num_heads=num_heads,
+            dropout_place=dropout_place,
+            init=init,
+            init_scale=init_scale,
+            stable_gamma=stable_gamma,
+            init_offset=init_offset,
         )
         if not self.routed:
-            check_arg(name, "combine", combine, combine in COMBINES, f"one of {COMBINES}")
+            knobs["combine"] = combine
+        v = self.resolve_knobs(name, **knobs)
+        dropout_place, init, init_scale = v["dropout_place"], v["init"], v["init_scale"]
+        stable_gamma, init_offset, combine = v["stable_gamma"], v["init_offset"], v.get("combine")
         self.rank = rank
         self.num_heads = num_heads
         self.scaling = lora_scaling(alpha, rank, use_rslora)
@@ -140,11 +117,6 @@ class MultiHeadLoraLinear(AdapterLayer):
             self.register_buffer("lora_offset_A", torch.zeros(rank, d_in, device=dev, dtype=torch.float32))
             self.register_buffer("lora_offset_B", torch.zeros(d_out, rank, device=dev, dtype=torch.float32))
         self.reset_parameters()
-
-    @classmethod
-    def config_knobs(cls) -> tuple[str, ...]:
-        """``combine`` applies only without a router."""
-        return tuple(k for k in cls.defaults if not (cls.routed and k == "combine"))
 
     # ---------------------------------------------------------------- init
 
@@ -187,6 +159,9 @@ class MultiHeadLoraLinear(AdapterLayer):
             self.lora_B.mul_(f)
 
     # ---------------------------------------------------------------- forward
+
+    def up_heads(self) -> torch.Tensor:
+        return self.lora_B
 
     def router_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token head weights ``softmax(W_r x)`` of shape ``(..., N)``, always fp32 (autocast off)."""
@@ -255,23 +230,33 @@ class HydraLoraLinear(MultiHeadLoraLinear):
     """HydraLoRA (methods.md §1): token router on x, ``B_i = 0`` init, dropout on the input (per head by
     default, as the official code). Not mergeable."""
 
-    routed = True
-    method = "hydralora"
-    defaults = {**MultiHeadLoraLinear.defaults, "dropout_place": "input_per_head", "init": "zero_B"}
+    method = HYDRALORA.name
+    spec = HYDRALORA
+    routed = HYDRALORA.token_routed
 
 
 class RLoraLinear(HydraLoraLinear):
     """R-LoRA (methods.md §2): HydraLoRA + multi-head dropout on A's output + multi-head random init with
     the initial-output offset. Not mergeable."""
 
-    method = "rlora"
-    defaults = {**HydraLoraLinear.defaults, "dropout_place": "A_out_per_head", "init": "rlora"}
+    method = RLORA.name
+    spec = RLORA
+    routed = RLORA.token_routed
 
 
 class MLoraLinear(MultiHeadLoraLinear):
     """M-LoRA (methods.md §3): R-LoRA without the router, heads summed (or averaged). Mergeable."""
 
-    routed = False
     mergeable = True
-    method = "mlora"
-    defaults = {**MultiHeadLoraLinear.defaults, "dropout_place": "A_out_per_head", "init": "rlora"}
+    method = MLORA.name
+    spec = MLORA
+    routed = MLORA.token_routed
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """One LoRA ``B'A' = ΔW``: ``A' = [A; A_0]``, ``B' = s·[c Σ_i B_i, −B̄_0]`` (the offset as ``r`` more
+        rank when there is one), peft's scaling 1 (``mtlora.export``)."""
+        a, b = self.lora_A.float(), self.lora_B.float().sum(0) * self.head_coef
+        if self.has_offset:
+            a = torch.cat([a, self.lora_offset_A.float()], dim=0)
+            b = torch.cat([b, -self.lora_offset_B.float()], dim=1)
+        return {"lora_A.weight": a, "lora_B.weight": b * self.scaling}

@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer, check_arg, is_int
+from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
+from mtlora.adapters.methods.parallel import MULTILORA
 
 
 class MultiLoraLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
-    method: ClassVar[str] = "multilora"
-    #: defaults of the optional knobs (constructor arguments left None, keys missing from the config)
-    defaults: ClassVar[dict] = {"num_loras": 3}
+    method: ClassVar[str] = MULTILORA.name
+    spec = MULTILORA
 
     def __init__(
         self,
@@ -51,9 +51,7 @@ class MultiLoraLinear(AdapterLayer):
         num_loras: int | None = None,
     ) -> None:
         super().__init__(base_layer, name, context)
-        num_loras = self.defaults["num_loras"] if num_loras is None else num_loras
-        check_arg(name, "rank", rank, is_int(rank, 1), "an integer >= 1")
-        check_arg(name, "num_loras", num_loras, is_int(num_loras, 1), "an integer >= 1")
+        num_loras = self.resolve_knobs(name, rank=rank, num_loras=num_loras)["num_loras"]
         self.rank = rank
         self.num_loras = num_loras
         self.scaling = lora_scaling(alpha, rank, use_rslora)
@@ -74,6 +72,9 @@ class MultiLoraLinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.lora_B.view(-1, self.rank), a=math.sqrt(5))
         nn.init.zeros_(self.lora_scale)
+
+    def up_heads(self) -> torch.Tensor:
+        return self.lora_B
 
     def scaled_up(self, dtype: torch.dtype) -> torch.Tensor:
         """``[diag(v_1) B_1, …, diag(v_n) B_n]`` as one ``(d_out, n·r)`` matrix."""

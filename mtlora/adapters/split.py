@@ -38,19 +38,18 @@ import torch.nn.functional as F
 from omegaconf import ListConfig
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer, check_arg, is_int
+from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import lora_scaling
-
-SPLIT_ROUTINGS = ("task", "none")
+from mtlora.adapters.methods.parallel import LORA_SPLIT
 
 
 class LoraSplitLinear(AdapterLayer):
     mergeable: ClassVar[bool] = True
     #: task ids are needed in training only (with split_routing=task), not in eval
     needs_task_ids: ClassVar[bool] = False
-    method: ClassVar[str] = "lora_split"
-    defaults: ClassVar[dict] = {"num_splits": 4, "split_routing": "task", "split_of_task": None}
+    method: ClassVar[str] = LORA_SPLIT.name
+    spec = LORA_SPLIT
 
     def __init__(
         self,
@@ -65,36 +64,16 @@ class LoraSplitLinear(AdapterLayer):
         split_routing: str | None = None,
         split_of_task: Sequence[int] | None = None,
     ) -> None:
-        """Knobs left ``None`` take the class's documented default (:attr:`defaults`); ``split_of_task``
+        """Knobs left ``None`` take the spec's default (:mod:`mtlora.adapters.methods.parallel`); ``split_of_task``
         ``None`` means ``t mod num_splits``."""
         super().__init__(base_layer, name, context)
-        d = self.defaults
-        num_splits = d["num_splits"] if num_splits is None else num_splits
-        split_routing = d["split_routing"] if split_routing is None else split_routing
-        check_arg(name, "rank", rank, is_int(rank, 1), "an integer >= 1")
-        check_arg(name, "num_splits", num_splits, is_int(num_splits, 1), "an integer >= 1")
-        check_arg(
-            name,
-            "rank",
-            rank,
-            rank % num_splits == 0,
-            f"a multiple of adapter.num_splits={num_splits} (each split gets rank/num_splits)",
-        )
-        check_arg(
-            name, "split_routing", split_routing, split_routing in SPLIT_ROUTINGS, f"one of {SPLIT_ROUTINGS}"
-        )
         if isinstance(split_of_task, ListConfig):
             split_of_task = list(split_of_task)
+        v = self.resolve_knobs(
+            name, rank=rank, num_splits=num_splits, split_routing=split_routing, split_of_task=split_of_task
+        )
+        num_splits, split_routing = v["num_splits"], v["split_routing"]
         if split_of_task is not None:
-            check_arg(
-                name,
-                "split_of_task",
-                split_of_task,
-                isinstance(split_of_task, list | tuple)
-                and len(split_of_task) > 0
-                and all(is_int(j, 0) and j < num_splits for j in split_of_task),
-                f"null or a non-empty list of split indices in [0, {num_splits}) (one per task)",
-            )
             split_of_task = [int(j) for j in split_of_task]
         self.rank = rank
         self.num_splits = num_splits
@@ -167,13 +146,6 @@ class LoraSplitLinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         """The combined LoRA ``s Σ_j B_j A_j`` (the eval-mode update)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-
-    def split_delta_weight(self, split: int) -> torch.Tensor:
-        """``s B_j A_j`` of one split (e.g. to serve the tasks of that split alone)."""
-        if not (isinstance(split, int) and 0 <= split < self.num_splits):
-            raise ValueError(f"{type(self).__name__}: split {split!r} not in [0, {self.num_splits})")
-        sl = slice(split * self.split_rank, (split + 1) * self.split_rank)
-        return (self.lora_B[:, sl].float() @ self.lora_A[sl].float()) * self.scaling
 
     def extra_repr(self) -> str:
         assign = "t mod k" if self.split_of_task is None else self.split_of_task

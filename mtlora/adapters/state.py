@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtlora.adapters.inject import adapter_layers
+from mtlora.adapters.base import adapter_layers
 from mtlora.errors import ConfigError
 from mtlora.run.checksums import verify, write_manifest
 from mtlora.utils.io import atomic_write, atomic_write_text

@@ -14,11 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mtlora.adapters.moelora import DROPOUT_PLACES as MOE_DROPOUT_PLACES
-from mtlora.adapters.moelora import EMBEDDING_ROWS
-from mtlora.adapters.mtl_lora import LAMBDA_FORMATS
-from mtlora.adapters.multihead import COMBINES, DROPOUT_PLACES, INIT_SCALES, INITS, MultiHeadLoraLinear
-from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.adapters.registry import all_specs, get_spec, method_names
+from mtlora.adapters.spec import MethodSpec
 from mtlora.config.reference import Reference, reference_errors
 from mtlora.data.build import rows_per_task, selected_tasks
 from mtlora.data.mixture import STRATEGIES
@@ -136,6 +133,22 @@ def non_finite_numbers(cfg: DictConfig) -> list[str]:
         f"{key}={value!r}: must be a finite number"
         for key, value in leaves(cfg)
         if isinstance(value, float) and not math.isfinite(value)
+    ]
+
+
+def foreign_knobs(spec: MethodSpec, adapter: DictConfig) -> list[str]:
+    """One error per top-level ``adapter`` key that is a knob of other methods but not of ``spec``'s (a
+    knob the chosen method would silently ignore)."""
+    own = {k.name.split(".")[0] for k in spec.knobs} | set(spec.renamed)
+    owners: dict[str, list[str]] = {}
+    for other in all_specs():
+        for k in other.knobs:
+            owners.setdefault(k.name.split(".")[0], []).append(other.name)
+    return [
+        f"adapter.{key}={adapter.get(key)!r}: not a knob of adapter.method={spec.name} (a knob of "
+        f"{sorted(set(owners[key]))}); drop it or choose one of those methods"
+        for key in adapter
+        if key in owners and key not in own
     ]
 
 
@@ -334,7 +347,7 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
     if cfg.model.get("init") == "random" and cfg.model.get("arch") is None:
         c.errors.append("model.arch: must be set when model.init=random")
     # adapter
-    c.choice("adapter.method", tuple(ADAPTER_METHODS))
+    c.choice("adapter.method", method_names())
     c.int_("adapter.rank", 1)
     c.num("adapter.alpha", 0, lo_open=True)
     c.num("adapter.dropout", 0, 1, hi_open=True)
@@ -343,30 +356,13 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
         lambda v: (isinstance(v, str) and v != "") or (isinstance(v, ListConfig) and len(v) > 0),
         "a non-empty list of module names, a regex string, or 'all-linear'",
     )
-    # multi-head adapters (hydralora, rlora, mlora): checked when present, num_heads required by them
-    cls = ADAPTER_METHODS.get(cfg.adapter.get("method"))
-    if c.get("adapter.num_heads") is not _MISSING or (cls and issubclass(cls, MultiHeadLoraLinear)):
-        c.int_("adapter.num_heads", 1)
-    # MOELoRA's dropout is on its input only: one mask per expert or one shared
-    places = MOE_DROPOUT_PLACES if cfg.adapter.get("method") == "moelora" else DROPOUT_PLACES
-    for key, values in (
-        ("dropout_place", places),
-        ("init", INITS),
-        ("init_scale", INIT_SCALES),
-        ("combine", COMBINES),
-    ):
-        if key == "dropout_place" and cfg.adapter.get("method") == "mtlora":
-            # mtLoRA: null = the released code's choice by fine-grained routing (mtlora.adapters.mtlora_adapter)
-            values = (None, *values)
-        if c.get(f"adapter.{key}") is not _MISSING:
-            c.choice(f"adapter.{key}", values)
-    if c.get("adapter.stable_gamma") is not _MISSING:
-        c.num("adapter.stable_gamma", 0, lo_open=True)
-    if c.get("adapter.init_offset") is not _MISSING:
-        c.rule("adapter.init_offset", lambda v: isinstance(v, bool), "true or false")
-    # task-aware adapters (mtl_lora, moelora): num_tasks required by them, and equal to the data's tasks
-    if c.get("adapter.num_tasks") is not _MISSING or (cls and cls.needs_task_ids):
-        c.int_("adapter.num_tasks", 1)
+    # the chosen method's knobs, by its spec (mtlora.adapters.methods): default, allowed values, rules
+    spec = get_spec(cfg.adapter.get("method"))
+    if spec is not None:
+        c.errors += spec.errors(cfg.adapter)
+        c.errors += foreign_knobs(spec, cfg.adapter)
+    # a task-aware method's num_tasks must equal the data's tasks
+    if spec is not None and "num_tasks" in spec.required_keys:
         n_tasks = c.get("adapter.num_tasks")
         try:
             tasks_sel = selected_tasks(cfg.data)
@@ -377,80 +373,6 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
                 f"adapter.num_tasks={n_tasks}: must equal the number of data tasks, {len(tasks_sel)} "
                 f"({tasks_sel}); set adapter.num_tasks={len(tasks_sel)}"
             )
-    for key in ("num_up", "num_experts", "task_embed_dim"):
-        if c.get(f"adapter.{key}") is not _MISSING:
-            c.int_(f"adapter.{key}", 1)
-    if c.get("adapter.task_embedding_rows") is not _MISSING:
-        c.choice("adapter.task_embedding_rows", EMBEDDING_ROWS)
-    if c.get("adapter.tau") is not _MISSING:
-        c.num("adapter.tau", 0, lo_open=True)
-    if c.get("adapter.lambda_format") is not _MISSING:
-        c.choice("adapter.lambda_format", LAMBDA_FORMATS)
-    if c.get("adapter.detach_norm") is not _MISSING:
-        c.rule("adapter.detach_norm", lambda v: isinstance(v, bool), "true or false")
-    n_exp, rank = c.get("adapter.num_experts"), c.get("adapter.rank")
-    method = cfg.adapter.get("method")
-    # MOELoRA splits the total rank over its experts (MoLoRA's experts each have the full rank)
-    if method == "moelora" and _int(1)(n_exp) and _int(1)(rank) and rank % n_exp:
-        c.errors.append(f"adapter.rank={rank}: must be a multiple of adapter.num_experts={n_exp}")
-    # parallel LoRAs (multilora, lora_split, molora)
-    if c.get("adapter.num_loras") is not _MISSING:
-        c.int_("adapter.num_loras", 1)
-    if c.get("adapter.num_splits") is not _MISSING:
-        c.int_("adapter.num_splits", 1)
-        n_split = c.get("adapter.num_splits")
-        if _int(1)(n_split) and _int(1)(rank) and rank % n_split:
-            c.errors.append(f"adapter.rank={rank}: must be a multiple of adapter.num_splits={n_split}")
-        c.choice("adapter.split_routing", ("task", "none"))
-        c.rule(
-            "adapter.split_of_task",
-            lambda v: (
-                v is None
-                or (isinstance(v, ListConfig) and len(v) > 0 and all(_int(0)(t) and t < n_split for t in v))
-            ),
-            f"null or a non-empty list of split indices in [0, {n_split})",
-        )
-    if c.get("adapter.top_k") is not _MISSING:
-        c.rule(
-            "adapter.top_k",
-            lambda v: v is None or (_int(1)(v) and (not _int(1)(n_exp) or v <= n_exp)),
-            f"null (dense) or an integer in [1, adapter.num_experts={n_exp}]",
-        )
-    if c.get("adapter.balance_weight") is not _MISSING:
-        c.num("adapter.balance_weight", 0)
-    # mtLoRA (component or block placement, fine-grained routing, balance loss, spectral regulariser)
-    for key, values in (
-        ("placement", ("component", "block_ffn", "block_attn", "both")),
-        ("block_style", ("lowrank", "bottleneck", "adaptformer")),
-        ("spectral.mode", ("self_gram", "cross_expert", "none")),
-    ):
-        if c.get(f"adapter.{key}") is not _MISSING:
-            c.choice(f"adapter.{key}", values)
-    if c.get("adapter.block_modules") is not _MISSING:
-        c.rule(
-            "adapter.block_modules",
-            lambda v: (
-                isinstance(v, DictConfig)
-                and set(v) <= {"ffn", "attn"}
-                and all(isinstance(x, str) and x for x in v.values())
-            ),
-            "a mapping with keys ffn/attn and non-empty module names",
-        )
-    for key, lo, optional in (
-        ("routing_group_size", 1, True),
-        ("routing_groups", 1, False),
-        ("spectral.every_steps", 1, True),
-        ("spectral.max_matrices", 1, False),
-    ):
-        if c.get(f"adapter.{key}") is not _MISSING:
-            c.int_(f"adapter.{key}", lo, optional=optional)
-    for key in ("blc_alpha", "spectral.lambda"):
-        if c.get(f"adapter.{key}") is not _MISSING:
-            c.num(f"adapter.{key}", 0)
-    if c.get("adapter.adaptformer_scale_init") is not _MISSING:
-        c.num("adapter.adaptformer_scale_init")
-    if c.get("adapter.blc_grad") is not _MISSING:
-        c.rule("adapter.blc_grad", lambda v: isinstance(v, bool), "true or false")
     # MeTA-LoRA's meta-learning step (adapter=meta_lora)
     if cfg.adapter.get("meta"):
         try:
@@ -560,7 +482,10 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
         c.int_("train.loss.chunk_tokens", 1)
     if c.get("data.packing") not in (_MISSING, None):  # optional keys (mtlora.data.packing)
         c.rule("data.packing", lambda v: isinstance(v, bool), "true or false")
-        c.errors += packing_conflicts(cfg)
+        adapter_spec = get_spec(cfg.adapter.get("method"))
+        c.errors += packing_conflicts(
+            cfg, adapter_spec.packing_problem(cfg.adapter) if adapter_spec else None
+        )
     # eval
     c.rule(
         "eval.suites",

@@ -86,30 +86,16 @@ def pack(
     }
 
 
-def packing_conflicts(cfg) -> list[str]:
-    """Why ``data.packing=true`` cannot be used with this composed train config (empty: it can)."""
+def packing_conflicts(cfg, adapter_conflict: str | None = None) -> list[str]:
+    """Why ``data.packing=true`` cannot be used with this composed train config (empty: it can).
+
+    ``adapter_conflict``: the adapter method's own reason, handed in by the caller from the method's spec
+    (:meth:`mtlora.adapters.spec.MethodSpec.packing_problem`; the data layer does not import adapters)."""
     if not cfg.data.get("packing", False):
         return []
-    from mtlora.adapters.registry import ADAPTER_METHODS
-
     errors = []
-    method = cfg.adapter.get("method")
-    cls = ADAPTER_METHODS.get(method)
-    if cls is not None and getattr(cls, "needs_task_ids", False):
-        errors.append(
-            f"data.packing=true: adapter.method={method} routes by task (one task id per row) and a packed "
-            "row holds several tasks; set data.packing=false"
-        )
-    if method == "lora_split" and cfg.adapter.get("split_routing", "task") == "task":
-        errors.append(
-            "data.packing=true: adapter.method=lora_split with split_routing=task needs one task per row; "
-            "set data.packing=false or adapter.split_routing=none"
-        )
-    if method == "lorahub":
-        errors.append(
-            "data.packing=true: adapter.method=lorahub scores its few-shot rows padded (no training "
-            "loop); set data.packing=false"
-        )
+    if adapter_conflict:
+        errors.append(f"data.packing=true: {adapter_conflict}")
     if cfg.adapter.get("meta"):
         errors.append(
             "data.packing=true: adapter.meta (MeTA-LoRA) needs one task per row; set data.packing=false"

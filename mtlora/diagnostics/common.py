@@ -10,15 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer
 from mtlora.data.collate import collate
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Every adapter layer of ``model`` by module name, in model order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def split_name(name: str) -> tuple[int | None, str]:

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtlora.adapters.base import adapter_layers
 from mtlora.diagnostics.common import (
-    adapter_layers,
     model_device,
     nanmean,
     split_name,

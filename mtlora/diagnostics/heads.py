@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlora.diagnostics.common import adapter_layers, nanmean, split_name, upper
+from mtlora.adapters.base import AdapterLayer, adapter_layers
+from mtlora.diagnostics.common import nanmean, split_name, upper
 
 #: the initial head contributions of a run (run-dir relative), written before the first optimizer step
 INIT_FILE = "init_heads.safetensors"
@@ -87,20 +88,13 @@ class HeadFactors:
         return out
 
 
-def heads_of(layer: nn.Module) -> torch.Tensor | None:
-    """The layer's raw up-projection heads ``B_i`` as ``(N, d_out, r)`` (detached), or ``None`` with fewer than 2.
-
-    ``lora_B`` of shape ``(N, d_out, r)``, or MOELoRA's ``E`` column blocks of ``lora_B`` (``d_out, r``)."""
-    b = getattr(layer, "lora_B", None)
-    if not isinstance(b, torch.Tensor):
+def heads_of(layer: AdapterLayer) -> torch.Tensor | None:
+    """The layer's raw up-projection heads ``B_i`` as ``(N, d_out, r)`` (detached, from
+    :meth:`~mtlora.adapters.base.AdapterLayer.up_heads`), or ``None`` with fewer than 2."""
+    b = layer.up_heads()
+    if b is None or b.shape[0] < 2:
         return None
-    b = b.detach()
-    if b.ndim == 3 and b.shape[0] >= 2:
-        return b
-    experts, er = getattr(layer, "num_experts", None), getattr(layer, "expert_rank", None)
-    if b.ndim == 2 and isinstance(experts, int) and isinstance(er, int) and experts >= 2:
-        return b.view(b.shape[0], experts, er).permute(1, 0, 2)  # expert i = columns [i·r_e, (i+1)·r_e)
-    return None
+    return b.detach()
 
 
 def head_factors(layer: nn.Module) -> HeadFactors | None:

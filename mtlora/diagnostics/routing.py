@@ -22,9 +22,10 @@ Protocols (``diagnostics.routing.protocol``; the rows are chosen by the runner):
   only, left-padded batches of ``batch_size`` (the notebook: 500 rows, batch 4); headline
   ``entropy = entropy_all_positions``.
 
-Applies to layers with a token router: ``router_weights(x)`` (HydraLoRA, R-LoRA, mtLoRA component and block
-adapters) or ``router_probs(x)`` (MoLoRA, dense probabilities before top-k). Task-gated adapters (MOELoRA,
-MTL-LoRA) and router-free ones (LoRA, M-LoRA) are not routed per token.
+Applies to layers with a token router (``AdapterLayer.token_routed``, from the method's spec), read through
+``AdapterLayer.router_weights(x)`` (HydraLoRA, R-LoRA, mtLoRA component and block adapters; MoLoRA's dense
+probabilities before top-k). Task-gated adapters (MOELoRA, MTL-LoRA) and router-free ones (LoRA, M-LoRA) are
+not routed per token.
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlora.diagnostics.common import adapter_layers, model_device, nanmean, to_device
+from mtlora.adapters.balance import cv_squared as balance_cv_squared
+from mtlora.adapters.base import AdapterLayer, adapter_layers
+from mtlora.diagnostics.common import model_device, nanmean, to_device
 
 EPS = 1e-10
 PROTOCOLS = ("tokens", "notebook")
 
 
-def router_fn(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def router_fn(layer: AdapterLayer) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The layer's per-token router (input → weights ``(..., N)`` or ``(..., G, N)``), or ``None``."""
-    if getattr(layer, "routed", True) is False:
-        return None
-    return getattr(layer, "router_weights", None) or getattr(layer, "router_probs", None)
+    return layer.router_weights if layer.token_routed else None
 
 
 def _as_groups(pi: torch.Tensor, token_dims: int) -> torch.Tensor:
@@ -59,27 +60,9 @@ def token_entropy(pi: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p + EPS)).sum(-1)
 
 
-def routing_entropy(pi: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Mean token entropy of ``pi`` (``(B, S, N)`` or ``(B, S, G, N)``) over the unmasked tokens and groups."""
-    pi = _as_groups(pi, 2)
-    h = token_entropy(pi).mean(-1)  # (B, S)
-    m = torch.ones_like(h, dtype=torch.bool) if mask is None else mask.bool()
-    return float(h[m].mean())
-
-
 def cv_squared(p_bar: torch.Tensor | np.ndarray) -> float:
-    """``Var(p̄) / (Mean(p̄)² + 1e-10)`` with the unbiased variance (0 for one expert)."""
-    p = torch.as_tensor(p_bar).double().reshape(-1)
-    if p.numel() < 2:
-        return 0.0
-    return float(p.var() / (p.mean() ** 2 + EPS))
-
-
-def usage_cv2(pi: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """CV² of the mean routing probability per expert over the unmasked tokens and the groups."""
-    pi = _as_groups(pi, 2)
-    m = torch.ones(pi.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
-    return cv_squared(pi[m].double().reshape(-1, pi.shape[-1]).mean(0))
+    """``cv²`` of the expert usage ``p̄`` (all values, fp64; :func:`mtlora.adapters.balance.cv_squared`)."""
+    return float(balance_cv_squared(torch.as_tensor(p_bar).double().reshape(-1)))
 
 
 class _Accumulator:

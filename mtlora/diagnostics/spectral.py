@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlora.diagnostics.common import adapter_layers, nanmean, upper
+from mtlora.adapters.base import adapter_layers
+from mtlora.diagnostics.common import nanmean, upper
 from mtlora.diagnostics.heads import HeadFactors, head_factors, heads_of
 
 DEFAULT_BANDS: tuple[tuple[float, float], ...] = ((0, 10), (10, 50), (50, 100))

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlora.diagnostics.common import adapter_layers, split_name
+from mtlora.adapters.base import adapter_layers
+from mtlora.diagnostics.common import split_name
 from mtlora.diagnostics.heads import heads_of
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 import mtlora.training.loop as loop
 from mtlora.adapters import LoraLinear, adapter_layers, find_targets, inject_adapters, save_adapter
 from mtlora.adapters.base import AdapterLayer
-from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.adapters.registry import ADAPTER_METHODS, registered
+from mtlora.adapters.spec import MethodSpec
 from mtlora.export import ExportError, _peft_target_modules, export_merged, export_peft, main
 from mtlora.load import RunLoadError, load_base_model, load_run
 from mtlora.models import build_model
@@ -203,11 +204,16 @@ def test_unusable_run_dirs_give_clear_errors(trained, tmp_path: Path) -> None:
         load_run(d, allow_incomplete=True)
 
 
-def test_unmergeable_adapters_do_not_export(trained, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_unmergeable_adapters_do_not_export(trained, tmp_path: Path, capsys) -> None:
     class Routed(AdapterLayer):  # stands for a task-routed adapter (not mergeable, not LoRA)
         pass
 
-    monkeypatch.setitem(ADAPTER_METHODS, "routed_test", Routed)
+    spec = MethodSpec(name="routed_test", layer=Routed, doc="a stand-in", token_routed=True)
+    with registered(spec):
+        _refused_with_reasons(trained, tmp_path, capsys)
+
+
+def _refused_with_reasons(trained, tmp_path: Path, capsys) -> None:
     d = _copy_run(trained[0], tmp_path)
     cfg = d / "config_resolved.yaml"
     cfg.write_text(cfg.read_text().replace("method: lora", "method: routed_test"))

@@ -149,7 +149,7 @@ def test_balance_and_spectral_terms_are_logged_as_added_to_the_loss(tmp_path: Pa
     losses (mtLoRA's BLC), ``reg_loss`` = the spectral regulariser's value ÷ GA (its weight in the step's
     loss) at the steps where it fires (absent at the others); a plain LoRA run logs neither."""
     from mtlora.adapters.context import AdapterContext
-    from mtlora.adapters.spectral import SpectralRegularizer
+    from mtlora.adapters.mtlora.spectral_penalty import SpectralRegularizer
 
     aux: list[float] = []
     reg: list[float | None] = []

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from mtlora.adapters import (
     DoraLinear,
     MoeLoraLinear,
-    MtlLoraLinear,
+    TaskMixLoraLinear,
     adapter_layers,
     adapter_state_dict,
     load_adapter,
@@ -37,7 +37,7 @@ from tests.helpers.compose import compose_train
 from tests.helpers.layers import ALPHA, D_IN, D_OUT, RANK, TASKS, make, randomise
 from tests.helpers.tiny import injected, logits, tokens
 
-TASK_CLASSES = {"mtl_lora": MtlLoraLinear, "moelora": MoeLoraLinear}
+TASK_CLASSES = {"mtl_lora": TaskMixLoraLinear, "moelora": MoeLoraLinear}
 TASK_METHODS = list(TASK_CLASSES)
 ALL = {"dora": DoraLinear, **TASK_CLASSES}
 
@@ -181,13 +181,13 @@ def test_task_aware_forward_matches_equation(method: str, variant: str) -> None:
 
 
 def test_mtl_lora_defaults_and_init() -> None:
-    layer, _, _ = make(MtlLoraLinear)
+    layer, _, _ = make(TaskMixLoraLinear)
     assert (layer.num_up, layer.tau, layer.lambda_format) == (3, 0.1, "full")
     assert layer.lora_lambda.shape == (TASKS, RANK, RANK)
     assert torch.equal(layer.lora_lambda[1], torch.eye(RANK))
     assert layer.lora_B.shape == (3, D_OUT, RANK) and torch.count_nonzero(layer.lora_B) == 0
     assert layer.lora_task_logits.shape == (TASKS, 3)
-    diag, _, _ = make(MtlLoraLinear, lambda_format="diag")
+    diag, _, _ = make(TaskMixLoraLinear, lambda_format="diag")
     assert diag.lora_lambda.shape == (TASKS, RANK) and torch.equal(diag.lora_lambda, torch.ones(TASKS, RANK))
     cfg = compose_train(["adapter=mtl_lora"]).adapter
     assert (cfg.num_up, cfg.tau, cfg.lambda_format, cfg.num_tasks) == (3, 0.1, "full", 4)
@@ -597,7 +597,7 @@ def test_registry_and_meta_device_layers_build() -> None:
     ctx = AdapterContext()
     n = lambda layer: sum(p.numel() for name, p in layer.named_parameters() if name.startswith("lora"))  # noqa: E731
     assert n(DoraLinear(base, "x", ctx, rank=RANK, alpha=ALPHA)) == RANK * (D_IN + D_OUT) + D_OUT
-    mtl = MtlLoraLinear(base, "x", ctx, rank=RANK, alpha=ALPHA, num_tasks=TASKS)
+    mtl = TaskMixLoraLinear(base, "x", ctx, rank=RANK, alpha=ALPHA, num_tasks=TASKS)
     assert n(mtl) == RANK * D_IN + TASKS * RANK * RANK + 3 * D_OUT * RANK + TASKS * 3
     moe = MoeLoraLinear(
         base, "x", ctx, rank=RANK, alpha=ALPHA, num_tasks=TASKS, num_experts=2, task_embed_dim=5

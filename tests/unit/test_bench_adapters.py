@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mtlora.adapters.registry import ADAPTER_METHODS
+from mtlora.adapters.registry import ADAPTER_METHODS, registered
+from mtlora.adapters.spec import MethodSpec
 from tests.helpers.scripts import load_script
 
 
@@ -45,9 +46,12 @@ def test_rank_matching_rules(bench) -> None:
 
 
 def test_missing_config_is_skipped(bench, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(bench.ADAPTER_METHODS, "no_such_method", ADAPTER_METHODS["lora"])
     args = bench.parse_args(["--shape", "tiny", "--batch", "1", "--seq", "4"])
-    row, step = bench.prepare("no_such_method", args, bench.layer_shape("tiny"), 1, bench.torch.device("cpu"))
+    spec = MethodSpec(name="no_such_method", layer=ADAPTER_METHODS["lora"], doc="a method without a yaml")
+    with registered(spec):
+        row, step = bench.prepare(
+            "no_such_method", args, bench.layer_shape("tiny"), 1, bench.torch.device("cpu")
+        )
     assert step is None and row["status"] == "skipped: no conf/adapter/no_such_method.yaml"
 
 

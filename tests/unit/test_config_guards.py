@@ -77,7 +77,7 @@ def test_keys_no_chosen_preset_defines_are_refused(override: str) -> None:
 def test_known_keys_come_from_the_chosen_presets() -> None:
     """Keys that only some presets define pass where they are defined; optimizer keyword arguments and keys
     added on purpose with ++ pass too."""
-    preflight(compose_train(["adapter=mtlora", "adapter.blc_alpha=0.1", "alignment=kl"]))
+    preflight(compose_train(["adapter=mtlora", "adapter.balance_weight=0.1", "alignment=kl"]))
     preflight(compose_train(["+train.optimizer.amsgrad=true", "++eval.bbh.limit=1"]))
     with pytest.raises(ConfigError, match=r"adapter.blc_alpha: unknown key"):
         preflight(compose_train(["adapter=lora", "+adapter.blc_alpha=0.1"]))

@@ -17,9 +17,9 @@ from mtlora.adapters.context import AdapterContext
 from mtlora.adapters.lora import LoraLinear
 from mtlora.adapters.moelora import MoeLoraLinear
 from mtlora.adapters.molora import MoLoraLinear
-from mtlora.adapters.mtl_lora import MtlLoraLinear
 from mtlora.adapters.multihead import HydraLoraLinear, MLoraLinear, RLoraLinear
 from mtlora.adapters.multilora import MultiLoraLinear
+from mtlora.adapters.task_mix import TaskMixLoraLinear
 from mtlora.config import validate_config
 from mtlora.data import build_data
 from mtlora.diagnostics import DIAGNOSTICS, DiagnosticsRunner, check_diagnostics_config
@@ -42,7 +42,7 @@ from mtlora.diagnostics.heads import (
     mean_offdiagonal,
     save_initial_heads,
 )
-from mtlora.diagnostics.routing import routing_entropy, routing_stats, usage_cv2
+from mtlora.diagnostics.routing import cv_squared, routing_stats, token_entropy
 from mtlora.diagnostics.spectral import band_alignment, band_indices, head_svd, spectral_stats, sv_importance
 from mtlora.diagnostics.tsne import parameter_points
 from mtlora.errors import ConfigError
@@ -389,7 +389,7 @@ def _toy_batch(task: int, seed: int, n: int = 4, length: int = 6) -> dict:
 @pytest.mark.parametrize(
     "layer_cls,kw,task_specific",
     [
-        (MtlLoraLinear, {"num_up": 2}, ["lora_lambda", "lora_task_logits"]),
+        (TaskMixLoraLinear, {"num_up": 2}, ["lora_lambda", "lora_task_logits"]),
         (MoeLoraLinear, {"num_experts": 2}, ["lora_task_embedding"]),
     ],
 )
@@ -596,6 +596,22 @@ def test_spectral_bands_of_own_a_heads_decompose_their_updates() -> None:
 # ---------------------------------------------------------------- routing
 
 
+def _groups(pi: torch.Tensor) -> torch.Tensor:
+    """``(B, S, N)`` or ``(B, S, G, N)`` as ``(B, S, G, N)``."""
+    return pi.unsqueeze(-2) if pi.ndim == 3 else pi
+
+
+def routing_entropy(pi: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean token entropy over the unmasked tokens and the groups, from the module's ``token_entropy``."""
+    return float(token_entropy(_groups(pi)).mean(-1)[mask.bool()].mean())
+
+
+def usage_cv2(pi: torch.Tensor, mask: torch.Tensor) -> float:
+    """The module's ``cv_squared`` of the mean routing weight per expert over unmasked tokens and groups."""
+    pi = _groups(pi)
+    return cv_squared(pi[mask.bool()].double().reshape(-1, pi.shape[-1]).mean(0))
+
+
 def test_routing_entropy_and_cv2_by_hand() -> None:
     pi = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[0.9, 0.1], [0.2, 0.8]]])  # (B=2, S=2, N=2)
     mask = torch.tensor([[1, 1], [1, 0]])
@@ -638,7 +654,7 @@ def test_routing_stats_of_a_fixed_router_match_numpy() -> None:
     assert routing_stats(ToyLM(LoraLinear, rank=2, alpha=4), {0: [batch]}) is None
 
 
-def _np_router_probs(model, ids: torch.Tensor) -> np.ndarray:
+def _np_router_weights(model, ids: torch.Tensor) -> np.ndarray:
     x = model.emb.weight.detach().double().numpy()[ids.numpy()]
     logits = x @ model.layer.lora_router.detach().double().numpy().T
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -660,7 +676,7 @@ def test_notebook_entropy_averages_every_padded_position_per_batch() -> None:
     b2 = {"input_ids": torch.tensor([[0, 0, 6, 7, 8]]), "attention_mask": torch.tensor([[0, 0, 1, 1, 1]])}
     for b in (b1, b2):
         b["task_ids"] = torch.zeros(len(b["input_ids"]), dtype=torch.long)
-    p1, p2 = _np_router_probs(model, b1["input_ids"]), _np_router_probs(model, b2["input_ids"])
+    p1, p2 = _np_router_weights(model, b1["input_ids"]), _np_router_weights(model, b2["input_ids"])
     notebook = np.mean([_np_entropy(p1).mean(), _np_entropy(p2).mean()])
     masked = np.concatenate(
         [
@@ -697,7 +713,7 @@ def test_cv2_per_batch_differs_from_the_pooled_cv2() -> None:
     def cv2(p_bar):
         return np.var(p_bar, ddof=1) / (p_bar.mean() ** 2 + 1e-10)
 
-    p1, p2 = _np_router_probs(model, b1["input_ids"]), _np_router_probs(model, b2["input_ids"])
+    p1, p2 = _np_router_weights(model, b1["input_ids"]), _np_router_weights(model, b2["input_ids"])
     per_batch = np.mean([cv2(p1.reshape(-1, 2).mean(0)), cv2(p2.reshape(-1, 2).mean(0))])
     pooled = cv2(np.concatenate([p1.reshape(-1, 2), p2.reshape(-1, 2)]).mean(0))
     res = routing_stats(model, [b1, b2])

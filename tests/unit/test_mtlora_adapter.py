@@ -31,7 +31,7 @@ from mtlora.adapters import (
     save_adapter,
 )
 from mtlora.adapters.context import AdapterContext
-from mtlora.adapters.mtlora_adapter import combine_experts
+from mtlora.adapters.mtlora.routing import combine_experts
 from mtlora.config import validate_config
 from mtlora.count import count
 from mtlora.errors import ConfigError
@@ -203,7 +203,7 @@ def test_zero_b_init_leaves_base_output_unchanged() -> None:
 
 
 def test_balance_loss_is_cv_squared_of_mean_routing_probability() -> None:
-    layer, _ = make(routing_groups=2, blc_alpha=0.3)
+    layer, _ = make(routing_groups=2, balance_weight=0.3)
     layer.context.num_layers = 4
     randomise(layer)
     x = torch.randn(2, 5, D_IN)
@@ -221,12 +221,12 @@ def test_balance_loss_is_cv_squared_of_mean_routing_probability() -> None:
     cv2 = p_bar.var(ddof=1) / (p_bar.mean() ** 2 + 1e-10)
     assert float(layer.context.aux_losses[key].detach()) == pytest.approx(0.3 * cv2 / 4, rel=1e-5)
     assert cv2 > 1e-4  # a non-trivial value is checked
-    # eval mode: no balance loss (as the code); blc_alpha=0: none either
+    # eval mode: no balance loss (as the code); balance_weight=0: none either
     layer.context.aux_losses.clear()
     layer.eval()
     layer(x)
     assert not layer.context.aux_losses
-    off, _ = make(blc_alpha=0.0)
+    off, _ = make(balance_weight=0.0)
     off.train()
     off(x)
     assert not off.context.aux_losses
@@ -244,7 +244,7 @@ def _reference_balance_grad(x: torch.Tensor, router: torch.Tensor, groups: int, 
 
 
 def _component(blc_grad: bool):
-    layer, _ = make(routing_groups=2, blc_alpha=0.3, blc_grad=blc_grad)
+    layer, _ = make(routing_groups=2, balance_weight=0.3, blc_grad=blc_grad)
     return layer
 
 
@@ -252,7 +252,7 @@ def _block(blc_grad: bool):
     torch.manual_seed(0)
     return BlockAdapter(
         nn.Linear(D_IN, D_IN), "blocks.0.mlp", AdapterContext(), dim=D_IN, rank=RANK, alpha=ALPHA,
-        num_heads=HEADS, routing_groups=2, blc_alpha=0.3, blc_grad=blc_grad,
+        num_heads=HEADS, routing_groups=2, balance_weight=0.3, blc_grad=blc_grad,
     )  # fmt: skip
 
 
@@ -362,7 +362,7 @@ def test_expert_computation_does_not_grow_with_the_expert_count(place: str) -> N
         ({"routing_group_size": 5}, "adapter.routing_group_size"),
         ({"routing_groups": 5}, "adapter.routing_groups"),
         ({"routing_groups": 0}, "adapter.routing_groups"),
-        ({"blc_alpha": -1.0}, "adapter.blc_alpha"),
+        ({"balance_weight": -1.0}, "adapter.balance_weight"),
         ({"init": "rlora"}, "adapter.init"),
         ({"num_heads": 0}, "adapter.num_heads"),
     ],
@@ -390,7 +390,12 @@ def fresh(cfg, **overrides):
 
 def test_default_config_is_the_papers_main_setting(cfg) -> None:
     a = cfg.adapter
-    assert (a.placement, a.block_style, a.routing_groups, a.blc_alpha) == ("block_ffn", "lowrank", 2, 0.01)
+    assert (a.placement, a.block_style, a.routing_groups, a.balance_weight) == (
+        "block_ffn",
+        "lowrank",
+        2,
+        0.01,
+    )
     assert (a.rank, a.alpha, a.num_heads, a.dropout) == (16, 64, 16, 0.05)
     assert (a.spectral.mode, a.spectral["lambda"], a.spectral.every_steps) == ("self_gram", 1.0, 500)
 
@@ -401,7 +406,7 @@ def test_default_config_is_the_papers_main_setting(cfg) -> None:
 )
 def test_block_placement_wraps_sub_blocks_and_ignores_target_modules(cfg, placement, kinds, caplog) -> None:
     model, acfg = fresh(cfg, placement=placement, target_modules=["nothing_matches"])
-    with caplog.at_level("INFO", logger="mtlora.adapters.block"):
+    with caplog.at_level("INFO", logger="mtlora.adapters.mtlora.block"):
         ctx = inject_adapters(model, acfg)
     assert "target_modules" in caplog.text and "ignored" in caplog.text
     layers = adapter_layers(model)
@@ -542,7 +547,7 @@ def test_adaptformer_scale_init_zero_gets_no_gradient_but_positive_does(cfg) -> 
 
 
 def test_block_balance_losses_average_over_layers(cfg) -> None:
-    model, acfg = fresh(cfg, placement="both", blc_alpha=0.5)
+    model, acfg = fresh(cfg, placement="both", balance_weight=0.5)
     ctx = inject_adapters(model, acfg)
     inputs: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():

@@ -653,7 +653,8 @@ def test_bad_multihead_values_name_the_key(overrides: list[str], expected: str, 
 
 
 def test_lora_config_needs_no_num_heads(tmp_path: Path) -> None:
-    validate_config(compose_train([], run_dir=tmp_path))  # the existing rules are unchanged for lora
+    validate_config(compose_train([], run_dir=tmp_path))
+    # a knob of other methods (num_heads) is refused for lora, not checked by the rule of its name
     with pytest.raises(ConfigError, match="adapter.num_heads=-1"):
         validate_config(compose_train(["+adapter.num_heads=-1"], run_dir=tmp_path))
 

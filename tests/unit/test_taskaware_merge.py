@@ -13,7 +13,7 @@ from torch import nn
 
 from mtlora.adapters import (
     MoeLoraLinear,
-    MtlLoraLinear,
+    TaskMixLoraLinear,
     adapter_layers,
     merge_adapters,
     unmerge_adapters,
@@ -25,7 +25,7 @@ from tests.helpers.layers import D_IN, D_OUT, TASKS, randomise
 from tests.helpers.layers import make as make_layer
 from tests.helpers.tiny import injected, logits, randomise_adapters, tokens
 
-CLASSES = {"mtl_lora": MtlLoraLinear, "moelora": MoeLoraLinear}
+CLASSES = {"mtl_lora": TaskMixLoraLinear, "moelora": MoeLoraLinear}
 METHODS = list(CLASSES)
 
 
@@ -40,7 +40,7 @@ def reference_delta(layer, t: int) -> torch.Tensor:
     """``ΔW_t`` by explicit loops (module doc)."""
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     dw = torch.zeros(D_OUT, D_IN)
-    if isinstance(layer, MtlLoraLinear):
+    if isinstance(layer, TaskMixLoraLinear):
         lam = layer.lora_lambda.detach()[t]
         lam = lam if lam.ndim == 2 else torch.diag(lam)
         e = torch.exp(layer.lora_task_logits.detach()[t] / layer.tau)

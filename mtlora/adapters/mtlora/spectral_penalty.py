@@ -1,4 +1,4 @@
-"""mtLoRA's spectral-aware regulariser on the expert up-matrices ``B_i`` (``docs/methods.md`` §6(c), §12.6).
+"""mtLoRA's spectral-aware regulariser (``adapter.spectral``) on the expert up-matrices ``B_i`` (``docs/methods.md`` §6(c), §12.6).
 
 Two formulations (``adapter.spectral.mode``):
 
@@ -44,9 +44,11 @@ import torch
 from torch import nn
 
 from mtlora.adapters.base import check_arg, is_int
+from mtlora.adapters.methods.mtlora import MTLORA, SPECTRAL_MODES
 
-SPECTRAL_MODES = ("self_gram", "cross_expert", "none")
 _EPS = 1e-8
+#: the spec's defaults of ``adapter.spectral.<key>``
+_DEFAULTS = {k.removeprefix("spectral."): v for k, v in MTLORA.defaults.items() if k.startswith("spectral.")}
 
 
 def spectral_weights(sigma: torch.Tensor) -> torch.Tensor:
@@ -105,10 +107,10 @@ class SpectralRegularizer:
     def __init__(
         self,
         layers: Sequence[nn.Module] = (),
-        mode: str = "self_gram",
-        lam: float = 1.0,
-        every_steps: int | None = 500,
-        max_matrices: int = 64,
+        mode: str = _DEFAULTS["mode"],
+        lam: float = _DEFAULTS["lambda"],
+        every_steps: int | None = _DEFAULTS["every_steps"],
+        max_matrices: int = _DEFAULTS["max_matrices"],
         name: str = "mtlora",
     ) -> None:
         check_arg(name, "spectral.mode", mode, mode in SPECTRAL_MODES, f"one of {SPECTRAL_MODES}")
@@ -136,10 +138,10 @@ class SpectralRegularizer:
             return None
         reg = cls(
             layers,
-            mode=spectral_cfg.get("mode", "self_gram"),
-            lam=spectral_cfg.get("lambda", 1.0),
-            every_steps=spectral_cfg.get("every_steps", 500),
-            max_matrices=spectral_cfg.get("max_matrices", 64),
+            mode=spectral_cfg.get("mode", _DEFAULTS["mode"]),
+            lam=spectral_cfg.get("lambda", _DEFAULTS["lambda"]),
+            every_steps=spectral_cfg.get("every_steps", _DEFAULTS["every_steps"]),
+            max_matrices=spectral_cfg.get("max_matrices", _DEFAULTS["max_matrices"]),
         )
         return None if reg.mode == "none" or reg.lam == 0 else reg
 

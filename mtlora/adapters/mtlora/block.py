@@ -9,7 +9,7 @@ the **post-norm** block input ``u = LN(x)`` and added to the sub-block output:
 
 with ``A ∈ R^{r×d}``, ``B_i ∈ R^{d×r}`` (``d`` = hidden size), ``s = α/r`` (``α/√r`` with ``use_rslora``),
 one dropout mask shared by the experts (as the block code), the router ``Π`` on the un-dropped ``u``
-with fine-grained routing and the BLC (``blc_grad``) of :mod:`mtlora.adapters.mtlora_adapter`. :class:`BlockAdapter`
+with fine-grained routing and the BLC (``balance_weight``, ``blc_grad``) of :mod:`mtlora.adapters.mtlora.layer`. :class:`BlockAdapter`
 wraps the sub-block module itself: the decoder layer's ``mlp`` (its input is already
 ``post_attention_layernorm(x)``: ``out = mlp(u) + Δ(u)``) and/or its ``self_attn`` (its ``hidden_states``
 is ``input_layernorm(x)``; the first item of its output tuple gets ``+ Δ(hidden_states)``); the module
@@ -39,32 +39,30 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer, check_arg, is_int
+from mtlora.adapters.base import AdapterLayer, check_arg
 from mtlora.adapters.context import AdapterContext
+from mtlora.adapters.inject import replace_targets
 from mtlora.adapters.lora import lora_scaling
-from mtlora.adapters.mtlora_adapter import (
+from mtlora.adapters.methods.mtlora import DEFAULT_BLOCK_MODULES, MTLORA, PLACEMENTS
+from mtlora.adapters.mtlora.routing import (
     add_balance_loss,
-    check_blc_alpha,
-    check_blc_grad,
     combine_experts,
     group_router_probs,
     routing_groups_for,
 )
-from mtlora.adapters.spectral import SpectralRegularizer
+from mtlora.adapters.mtlora.spectral_penalty import SpectralRegularizer
 from mtlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PLACEMENTS = ("component", "block_ffn", "block_attn", "both")
-BLOCK_STYLES = ("lowrank", "bottleneck", "adaptformer")
 BLOCK_KINDS = {"block_ffn": ("ffn",), "block_attn": ("attn",), "both": ("attn", "ffn")}
-DEFAULT_BLOCK_MODULES = {"ffn": "mlp", "attn": "self_attn"}
 
 
 class BlockAdapter(AdapterLayer):
     """A routed low-rank path parallel to a decoder sub-block (``base_layer``, any module); see module doc."""
 
-    method = "mtlora"
+    method = MTLORA.name
+    spec = MTLORA
 
     def __init__(
         self,
@@ -77,20 +75,28 @@ class BlockAdapter(AdapterLayer):
         num_heads: int,
         dropout: float = 0.0,
         use_rslora: bool = False,
-        style: str = "lowrank",
+        block_style: str | None = None,
         routing_group_size: int | None = None,
-        routing_groups: int | None = 1,
-        blc_alpha: float = 0.01,
-        adaptformer_scale_init: float = 0.0,
-        blc_grad: bool = True,
+        routing_groups: int | None = None,
+        balance_weight: float | None = None,
+        adaptformer_scale_init: float | None = None,
+        blc_grad: bool | None = None,
     ) -> None:
+        """Knobs left ``None`` take the spec's default (:mod:`mtlora.adapters.methods.mtlora`)."""
         # AdapterLayer.__init__ insists on an nn.Linear; a block adapter wraps a whole sub-block
         nn.Module.__init__(self)
-        check_arg(name, "rank", rank, is_int(rank, 1), "an integer >= 1")
-        check_arg(name, "num_heads", num_heads, is_int(num_heads, 1), "an integer >= 1")
-        check_arg(name, "block_style", style, style in BLOCK_STYLES, f"one of {BLOCK_STYLES}")
-        ok = isinstance(adaptformer_scale_init, int | float) and not isinstance(adaptformer_scale_init, bool)
-        check_arg(name, "adaptformer_scale_init", adaptformer_scale_init, ok, "a number")
+        v = self.resolve_knobs(
+            name,
+            rank=rank,
+            num_heads=num_heads,
+            block_style=block_style,
+            routing_group_size=routing_group_size,
+            routing_groups=routing_groups,
+            balance_weight=balance_weight,
+            adaptformer_scale_init=adaptformer_scale_init,
+            blc_grad=blc_grad,
+        )
+        style = v["block_style"]
         self.base_layer = block
         self.adapter_name = name
         object.__setattr__(self, "context", context)
@@ -100,13 +106,13 @@ class BlockAdapter(AdapterLayer):
         self.rank = rank
         self.num_heads = num_heads
         self.style = style
-        self.groups = routing_groups_for(name, dim, routing_group_size, routing_groups)
-        self.blc_alpha = check_blc_alpha(name, blc_alpha)
-        self.blc_grad = check_blc_grad(name, blc_grad)
+        self.groups = routing_groups_for(name, dim, v["routing_group_size"], v["routing_groups"])
+        self.balance_weight = float(v["balance_weight"])
+        self.blc_grad = v["blc_grad"]
         self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale_init = float(adaptformer_scale_init)
+        self.scale_init = float(v["adaptformer_scale_init"])
         dev = next(block.parameters()).device
         f32 = torch.float32
         self.lora_A = nn.Parameter(torch.empty(rank, dim, device=dev, dtype=f32))
@@ -125,15 +131,10 @@ class BlockAdapter(AdapterLayer):
             dim=dim,
             rank=cfg.rank,
             alpha=cfg.alpha,
-            num_heads=cfg.num_heads,
+            num_heads=cfg.get("num_heads"),
             dropout=cfg.dropout,
             use_rslora=cfg.get("use_rslora", False),
-            style=cfg.get("block_style", "lowrank"),
-            routing_group_size=cfg.get("routing_group_size"),
-            routing_groups=cfg.get("routing_groups", 1),
-            blc_alpha=cfg.get("blc_alpha", 0.01),
-            adaptformer_scale_init=cfg.get("adaptformer_scale_init", 0.0),
-            blc_grad=cfg.get("blc_grad", True),
+            **{k: cfg.get(k) for k in cls.config_knobs() if k != "num_heads"},
         )
 
     @property
@@ -160,6 +161,9 @@ class BlockAdapter(AdapterLayer):
                 nn.init.zeros_(self.lora_B)
                 self.lora_scale.fill_(self.scale_init)
 
+    def up_heads(self) -> torch.Tensor:
+        return self.lora_B
+
     def router_weights(self, u: torch.Tensor) -> torch.Tensor:
         """Per-token, per-group expert weights ``(..., g, N)``, fp32 (autocast off)."""
         return group_router_probs(u, self.lora_router, self.groups)
@@ -170,7 +174,7 @@ class BlockAdapter(AdapterLayer):
         if self.style != "lowrank":
             z = torch.relu(z)
         pi = self.router_weights(u)
-        add_balance_loss(self, pi, self.blc_alpha, self.blc_grad)
+        add_balance_loss(self, pi, self.balance_weight, self.blc_grad)
         if self.style == "adaptformer":  # per-expert learnable scale instead of s
             return combine_experts(z, pi * self.lora_scale.float(), self.lora_B, per_head=False)
         return combine_experts(z, pi, self.lora_B, per_head=False) * self.scaling
@@ -200,7 +204,7 @@ class BlockAdapter(AdapterLayer):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, rank={self.rank}, num_heads={self.num_heads}, style={self.style}, "
-            f"scaling={self.scaling:g}, routing_groups={self.groups}, blc_alpha={self.blc_alpha:g}, "
+            f"scaling={self.scaling:g}, routing_groups={self.groups}, balance_weight={self.balance_weight:g}, "
             f"blc_grad={self.blc_grad}, "
             f"dropout={self.dropout_p}"
         )
@@ -264,8 +268,6 @@ def place_mtlora(
     """Put mtLoRA into ``model`` by ``adapter.placement`` (``component``: ``component_cls`` on the
     ``target_modules`` linears; else block adapters), then register the spectral regulariser
     (``adapter.spectral``) in ``context.regularizers``. Returns the names of the adapter layers."""
-    from mtlora.adapters.inject import replace_targets  # inject.py imports the registry, which imports us
-
     placement = adapter_cfg.get("placement", "component")
     check_arg("mtlora", "placement", placement, placement in PLACEMENTS, f"one of {PLACEMENTS}")
     reg = SpectralRegularizer.from_config(adapter_cfg.get("spectral"))  # checked before the model changes

@@ -2,7 +2,8 @@
 
 mtLoRA is HydraLoRA (shared ``A``, ``N`` expert heads ``B_i``, per-token router; §1) plus three parts:
 fine-grained routing (FGR, here), a balance loss (BLC, here), block-level placement
-(:mod:`mtlora.adapters.block`) and a spectral-aware regulariser (:mod:`mtlora.adapters.spectral`).
+(:mod:`mtlora.adapters.mtlora.block`) and a spectral-aware regulariser
+(:mod:`mtlora.adapters.mtlora.spectral_penalty`).
 
 Component layer (wraps an ``nn.Linear``):
 
@@ -25,8 +26,9 @@ Component layer (wraps an ``nn.Linear``):
   paper's ``routing_group_size=2048`` on a 4096-wide model).
 * **BLC [code]:** ``p̄_i`` = mean routing probability of expert ``i`` over batch, tokens and groups;
   ``cv² = Var(p̄) / (Mean(p̄)² + 1e-10)`` (unbiased variance, as ``torch.var`` in the code), computed in
-  training mode only, added as ``context.aux_losses["<layer>.balance"] = blc_alpha · cv² / L``
-  (``L = context.num_layers``) so that the loop's sum over layers is ``blc_alpha`` × the mean over layers.
+  training mode only, added as ``context.aux_losses["<layer>.balance"] = balance_weight · cv² / L``
+  (``L = context.num_layers``) so that the loop's sum over layers is ``balance_weight`` × the mean over
+  layers (the paper's ``α``; the same knob and loss as MoLoRA's, :mod:`mtlora.adapters.balance`).
 * **BLC gradient** (``blc_grad``): ``true`` [paper] — the term trains the router; ``false`` [code] — the
   value is computed but detached, so it reaches no parameter. The released scripts train with HF gradient
   checkpointing, reentrant in transformers 4.36: decoder layers run their forward under ``no_grad`` and
@@ -46,93 +48,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from mtlora.adapters.base import AdapterLayer, check_arg, is_int
 from mtlora.adapters.context import AdapterContext
+from mtlora.adapters.methods.mtlora import MTLORA
+from mtlora.adapters.mtlora.routing import (
+    add_balance_loss,
+    combine_experts,
+    fgr_dropout_place,
+    group_router_probs,
+    routing_groups_for,
+)
 from mtlora.adapters.multihead import HydraLoraLinear
-
-
-def routing_groups_for(
-    name: str, d_out: int, routing_group_size: int | None, routing_groups: int | None
-) -> int:
-    """Number of routing groups ``g`` for an output of width ``d_out`` (see the module doc)."""
-    if routing_group_size is not None:
-        check_arg(
-            name,
-            "routing_group_size",
-            routing_group_size,
-            is_int(routing_group_size, 1) and d_out % routing_group_size == 0,
-            f"null or an integer >= 1 that divides the adapted output width {d_out}",
-        )
-        return d_out // routing_group_size
-    g = 1 if routing_groups is None else routing_groups
-    check_arg(
-        name,
-        "routing_groups",
-        g,
-        is_int(g, 1) and d_out % g == 0,
-        f"an integer >= 1 that divides the adapted output width {d_out}",
-    )
-    return g
-
-
-def fgr_dropout_place(routing_group_size: int | None, groups: int) -> str:
-    """The released code's dropout for a component layer: ``input_shared`` (one mask for all experts) when
-    fine-grained routing is on (``routing_group_size`` set, or ``g > 1``), else ``input_per_head``."""
-    return "input_shared" if routing_group_size is not None or groups > 1 else "input_per_head"
-
-
-def check_blc_grad(name: str, blc_grad) -> bool:
-    check_arg(name, "blc_grad", blc_grad, isinstance(blc_grad, bool), "true or false")
-    return blc_grad
-
-
-def check_blc_alpha(name: str, blc_alpha) -> float:
-    ok = isinstance(blc_alpha, int | float) and not isinstance(blc_alpha, bool) and blc_alpha >= 0
-    check_arg(name, "blc_alpha", blc_alpha, ok, "a number >= 0")
-    return float(blc_alpha)
-
-
-def group_router_probs(x: torch.Tensor, router: torch.Tensor, groups: int) -> torch.Tensor:
-    """``softmax`` over experts per group of the router logits ``W_r x``: ``(..., g, N)``, fp32, autocast off."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = F.linear(x.float(), router.float())
-        return torch.softmax(logits.unflatten(-1, (groups, -1)), dim=-1)
-
-
-def combine_experts(z: torch.Tensor, pi: torch.Tensor, lora_B: torch.Tensor, per_head: bool) -> torch.Tensor:
-    """``Σ_i Π_i ⊙ B_i z_i`` in one einsum.
-
-    ``z``: ``(..., r)`` shared by the experts, or ``(..., N, r)`` one per expert (``per_head``); ``pi``:
-    ``(..., g, N)``; ``lora_B``: ``(N, d_out, r)``. Returns ``(..., d_out)`` in ``z``'s dtype."""
-    n, d_out, r = lora_B.shape
-    g = pi.shape[-2]
-    w = pi.to(z.dtype).unsqueeze(-1)  # (..., g, N, 1)
-    zz = z.unsqueeze(-3) if per_head else z[..., None, None, :]  # (..., 1, N, r) or (..., 1, 1, r)
-    u = (w * zz).flatten(-2)  # (..., g, N·r): column i·r + j of group k = π_{k,i} z_{i,j}
-    b = lora_B.to(z.dtype).view(n, g, d_out // g, r).permute(1, 2, 0, 3).reshape(g, d_out // g, n * r)
-    return torch.einsum("...gk,gok->...go", u, b).flatten(-2)
-
-
-def cv_squared(p: torch.Tensor) -> torch.Tensor:
-    """``Var(p) / (Mean(p)² + 1e-10)`` over the last dim (unbiased variance; 0 for one expert)."""
-    p = p.float()
-    if p.shape[-1] == 1:
-        return p.new_zeros(p.shape[:-1])
-    return p.var(dim=-1) / (p.mean(dim=-1) ** 2 + 1e-10)
-
-
-def add_balance_loss(layer: AdapterLayer, pi: torch.Tensor, blc_alpha: float, grad: bool = True) -> None:
-    """BLC of the routing probabilities ``pi`` (``(..., g, N)``) into ``context.aux_losses`` (training only);
-    detached when ``grad`` is false (``blc_grad``, module doc)."""
-    if not layer.training or blc_alpha <= 0 or pi.shape[-1] == 1:
-        return
-    p_bar = pi.float().reshape(-1, pi.shape[-1]).mean(0)  # mean over batch, tokens and groups
-    value = blc_alpha * cv_squared(p_bar) / max(layer.context.num_layers, 1)
-    layer.add_aux_loss("balance", value if grad else value.detach())
 
 
 class MtLoraLinear(HydraLoraLinear):
@@ -141,15 +69,9 @@ class MtLoraLinear(HydraLoraLinear):
     Also the registry entry of ``adapter.method=mtlora``: :meth:`place_adapters` puts component layers or
     block-level adapters (``adapter.placement``) into the model and registers the spectral regulariser."""
 
-    method = "mtlora"
-    defaults = {
-        **HydraLoraLinear.defaults,
-        "dropout_place": None,  # as the code: shared mask with FGR, one per expert without (module doc)
-        "routing_group_size": None,
-        "routing_groups": 1,
-        "blc_alpha": 0.01,
-        "blc_grad": True,
-    }
+    method = MTLORA.name
+    spec = MTLORA
+    routed = MTLORA.token_routed
 
     def __init__(
         self,
@@ -168,16 +90,23 @@ class MtLoraLinear(HydraLoraLinear):
         init_offset: bool | None = None,
         routing_group_size: int | None = None,
         routing_groups: int | None = None,
-        blc_alpha: float | None = None,
+        balance_weight: float | None = None,
         blc_grad: bool | None = None,
     ) -> None:
-        d = self.defaults
-        init = d["init"] if init is None else init
-        check_arg(name, "init", init, init == "zero_B", "'zero_B' (mtLoRA keeps HydraLoRA's zero-B init)")
-        routing_groups = d["routing_groups"] if routing_groups is None else routing_groups
-        groups = routing_groups_for(name, base_layer.out_features, routing_group_size, routing_groups)
-        blc_alpha = check_blc_alpha(name, d["blc_alpha"] if blc_alpha is None else blc_alpha)
-        blc_grad = check_blc_grad(name, d["blc_grad"] if blc_grad is None else blc_grad)
+        """Knobs left ``None`` take the spec's default (:mod:`mtlora.adapters.methods.mtlora`)."""
+        v = self.resolve_knobs(
+            name,
+            rank=rank,
+            num_heads=num_heads,
+            routing_group_size=routing_group_size,
+            routing_groups=routing_groups,
+            balance_weight=balance_weight,
+            blc_grad=blc_grad,
+        )
+        groups = routing_groups_for(
+            name, base_layer.out_features, v["routing_group_size"], v["routing_groups"]
+        )
+        balance_weight, blc_grad = float(v["balance_weight"]), v["blc_grad"]
         if dropout_place is None:
             dropout_place = fgr_dropout_place(routing_group_size, groups)
         super().__init__(
@@ -196,7 +125,7 @@ class MtLoraLinear(HydraLoraLinear):
             init_offset=init_offset,
         )
         self.groups = groups
-        self.blc_alpha = blc_alpha
+        self.balance_weight = balance_weight
         self.blc_grad = blc_grad
         if groups > 1:  # N·g router outputs (with g = 1 the layer is exactly HydraLoRA, same init draws)
             dev = self.lora_A.device
@@ -209,8 +138,9 @@ class MtLoraLinear(HydraLoraLinear):
 
     @classmethod
     def place_adapters(cls, model: nn.Module, adapter_cfg: DictConfig, context: AdapterContext) -> list[str]:
-        """The :func:`mtlora.adapters.inject.inject_adapters` seam (see :func:`mtlora.adapters.block.place_mtlora`)."""
-        from mtlora.adapters.block import place_mtlora  # block.py imports this module
+        """The :func:`mtlora.adapters.inject.inject_adapters` seam (see
+        :func:`mtlora.adapters.mtlora.block.place_mtlora`)."""
+        from mtlora.adapters.mtlora.block import place_mtlora  # block-level adapters load when placed
 
         return place_mtlora(model, adapter_cfg, context, cls)
 
@@ -221,11 +151,11 @@ class MtLoraLinear(HydraLoraLinear):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         z, per_head = self._head_inputs(x)  # (..., r) or, with per-head dropout, (..., N, r)
         pi = self.router_weights(x)
-        add_balance_loss(self, pi, self.blc_alpha, self.blc_grad)
+        add_balance_loss(self, pi, self.balance_weight, self.blc_grad)
         return combine_experts(z, pi, self.lora_B, per_head) * self.scaling
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, routing_groups={self.groups}, blc_alpha={self.blc_alpha:g}, "
+            f"{super().extra_repr()}, routing_groups={self.groups}, balance_weight={self.balance_weight:g}, "
             f"blc_grad={self.blc_grad}"
         )
