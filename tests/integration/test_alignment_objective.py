@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mtlora.config import validate_config
-from mtlora.data.build import rows_per_task
+from mtlora.data.batching import rows_per_task
 from mtlora.data.mixture import BatchStream
 from mtlora.load import load_run
 from mtlora.run.rundir import save_resolved_config

@@ -25,7 +25,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlora.config.validate import validate_config
-from mtlora.data.build import rows_per_task
+from mtlora.data.batching import rows_per_task
 from mtlora.errors import ConfigError
 from mtlora.eval.mmlu import load_subject
 from mtlora.evaluate import evaluate
