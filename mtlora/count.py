@@ -60,7 +60,7 @@ NO_OUTPUT_OVERRIDES = {
 def count(cfg: DictConfig) -> dict[str, Any]:
     """Total / trainable parameters and adapted modules of ``cfg.model`` with ``cfg.adapter`` injected."""
     from mtlora.adapters.inject import adapter_layers, inject_adapters  # torch: not on the --help path
-    from mtlora.models.loading import count_parameters, meta_model
+    from mtlora.models.factory import count_parameters, meta_model
 
     model = meta_model(cfg.model)
     base = count_parameters(model)["total"]

@@ -1,6 +1,6 @@
 """``python -m mtlora.diagnose run_dir=R [diagnostics=full] [diagnostics.which=[conflict]]``: diagnostics of a saved run.
 
-Loads the finished run with :func:`mtlora.load.load_run` and rebuilds its data from the run's own
+Loads the finished run with :func:`mtlora.trained_run.load_run` and rebuilds its data from the run's own
 ``config_resolved.yaml`` (same tasks, splits and seed), then runs the diagnostics of the ``diagnostics``
 config group (``default`` unless given; every one of its ``which``, the schedule keys are ignored) on the
 run's training rows (gradient conflict, routing) and held-out rows (divergence, t-SNE of representations).
@@ -114,13 +114,13 @@ def diagnose(
     """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
 
     ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``);
-    ``trust_remote_code``: see :func:`mtlora.load.guard_remote_code` (off unless given)."""
+    ``trust_remote_code``: see :func:`mtlora.trained_run.guard_remote_code` (off unless given)."""
     import datasets
 
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
-    from mtlora.load import guard_remote_code, load_run
     from mtlora.run.rundir import load_resolved_config
+    from mtlora.trained_run import guard_remote_code, load_run
     from mtlora.utils.dist import require_device
 
     datasets.disable_progress_bars()

@@ -48,7 +48,7 @@ Two benchmarks (results: a markdown table on stdout, and a record appended to ``
    which is why neither is used. The measured step is separate from the timed ones (the tracker is slow).
 
 2. **Ours vs peft** (``--peft``): a random-init whole model from ``conf/model/<--peft-model>.yaml``
-   (``mtlora.models.loading.build_model`` with ``init=random``; ``--peft-layers`` overrides the number of
+   (``mtlora.models.factory.build_model`` with ``init=random``; ``--peft-layers`` overrides the number of
    decoder layers), once with ``mtlora``'s ``lora`` injected and once wrapped by ``peft.get_peft_model`` with the
    same rank, alpha, dropout and targets. Same token batch (labels = inputs), each step = forward + backward +
    ``torch.optim.AdamW`` step; the two models alternate in rounds. Tokens/s = batch·seq / median step time.
@@ -463,7 +463,7 @@ def bench_adapters(args: argparse.Namespace, device: torch.device) -> dict[str, 
 def bench_peft(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
-    from mtlora.models.loading import build_model
+    from mtlora.models.factory import build_model
 
     mcfg = load_yaml_with_defaults("model", args.peft_model)
     mcfg.init = "random"

@@ -11,7 +11,7 @@ Runs are dirs with a ``config_resolved.yaml`` (searched recursively); those with
 ``report: {paper, table}`` equal to --paper/--table are grouped by (cell, column) over seeds. The papers'
 numbers and citations come from docs/paper_numbers.yaml (--numbers). Writes into --out: ``table.md``,
 ``table.csv`` (long form), ``table.tex`` (booktabs), or ``summary.{md,csv}`` without a table, and
-``<plot>.png``. Logic: mtlora.report.tables / mtlora.report.plots.
+``<plot>.png``. Logic: mtlora.report.tables / mtlora.report.metric_plots.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without installing the package
     sys.path.insert(0, str(REPO))
 
-from mtlora.report import plots, tables  # noqa: E402
+from mtlora.report import metric_plots, tables  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--metric", choices=sorted(tables.METRICS), help="override the table's metric")
     p.add_argument("--numbers", help="paper numbers file (default docs/paper_numbers.yaml)")
-    p.add_argument("--plot", action="append", default=[], choices=[*plots.CURVES, "per-task"])
+    p.add_argument("--plot", action="append", default=[], choices=[*metric_plots.CURVES, "per-task"])
     p.add_argument("--group-by", nargs="*", default=[], help="summary mode: extra config paths to group by")
     p.add_argument("--scale", type=float, help="summary mode / plots: metric multiplier (default 100)")
     a = p.parse_args(argv)
@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         png = out / f"{name.replace('-', '_')}.png"
         if name == "per-task":
-            done = plots.plot_per_task(runs, metric, png, scale, protocol)
+            done = metric_plots.plot_per_task(runs, metric, png, scale, protocol)
         else:
-            x_path, xlabel, log_base = plots.CURVES[name]
-            done = plots.plot_curve(runs, metric, x_path, png, xlabel, scale, protocol, log_base=log_base)
+            x_path, xlabel, log_base = metric_plots.CURVES[name]
+            done = metric_plots.plot_curve(
+                runs, metric, x_path, png, xlabel, scale, protocol, log_base=log_base
+            )
         print(
             f"plot {name}: {done}" if done else f"plot {name}: no finished runs with {metric}",
             file=sys.stderr,

@@ -146,7 +146,7 @@ def check_room(bbh_cfg: DictConfig | dict | None, model_cfg: DictConfig | None) 
         return
     length = s["model_max_length"]
     if length is None and model_cfg is not None and model_cfg.get("init") == "random":
-        from mtlora.models.loading import arch_config
+        from mtlora.models.factory import arch_config
 
         config = arch_config(model_cfg)
         cfg = getattr(config, "text_config", None) or config

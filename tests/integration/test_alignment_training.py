@@ -14,9 +14,9 @@ from mtlora.data import build_data
 from mtlora.data.batching import rows_per_task
 from mtlora.data.collate import collate
 from mtlora.data.mixture import BatchStream
-from mtlora.load import load_run
 from mtlora.losses.alignment import alignment_loss
 from mtlora.run.rundir import load_resolved_config, save_resolved_config
+from mtlora.trained_run import load_run
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.loop import build_model_and_data, run_training
 from tests.helpers.compose import compose_train

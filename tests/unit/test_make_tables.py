@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlora.report import plots, tables
+from mtlora.report import metric_plots, tables
 from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,9 +278,11 @@ def test_plots_are_written(tmp_path: Path) -> None:
         )
     runs = tables.collect_runs([tmp_path])
     for png in (
-        plots.plot_curve(runs, "heldin_exact_match", "adapter.rank", tmp_path / "out/rank.png", log_base=2),
-        plots.plot_curve(runs, "heldin_exact_match", "alignment.weight", tmp_path / "out/lambda.png"),
-        plots.plot_per_task(runs, "heldin_exact_match", tmp_path / "out/per_task.png"),
+        metric_plots.plot_curve(
+            runs, "heldin_exact_match", "adapter.rank", tmp_path / "out/rank.png", log_base=2
+        ),
+        metric_plots.plot_curve(runs, "heldin_exact_match", "alignment.weight", tmp_path / "out/lambda.png"),
+        metric_plots.plot_per_task(runs, "heldin_exact_match", tmp_path / "out/per_task.png"),
     ):
         assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     summary = tables.build_summary(runs, "heldin_exact_match", ["adapter.rank"])

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mtlora.load import load_run
+    from mtlora import load_run
 
     model, tokenizer = load_run("outputs/train/runs/<run_name>/<date_time>_local_<pid>")
     batch = tokenizer(["12+7="], return_tensors="pt")
@@ -49,7 +49,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from mtlora.adapters import inject_adapters, load_adapter
 from mtlora.adapters.state import ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError, IntegrityError
-from mtlora.models.loading import build_model, torch_dtype
+from mtlora.models.factory import build_model, torch_dtype
 from mtlora.run.base_model import base_parameters, fingerprint
 from mtlora.run.rundir import RESOLVED_CONFIG, load_resolved_config
 
