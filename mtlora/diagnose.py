@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
+from mtlora.run.layout import RunLayout
 from mtlora.run.metrics import read_jsonl
 from mtlora.run.tracker import WANDB_ID_FILE, Tracker, tracker_accelerator, tracker_name
 from mtlora.utils.logging import console_logging
@@ -58,12 +59,12 @@ EXTRA_KEYS = ("run_dir", "device", "allow_incomplete", "trust_remote_code")
 
 def final_step(run_dir: Path) -> int:
     """The run's last optimizer step: the last ``metrics/train.jsonl`` record, else ``meta.json``, else 0."""
-    train = run_dir / "metrics" / "train.jsonl"
+    train = RunLayout(run_dir).log("train")
     if train.exists():
         records = read_jsonl(train)
         if records:
             return int(records[-1]["step"])
-    meta = run_dir / "meta.json"
+    meta = RunLayout(run_dir).meta
     if meta.exists():
         return int(json.loads(meta.read_text()).get("total_steps") or 0)
     return 0

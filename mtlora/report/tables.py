@@ -27,10 +27,12 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from mtlora.run.layout import RunLayout
+from mtlora.run.rundir import MARKERS
+from mtlora.utils.paths import REPO_ROOT
+
 PAPER_NUMBERS = REPO_ROOT / "docs" / "paper_numbers.yaml"
 PROVENANCE_TAGS = ("paper", "paper-2nd", "code")  # `none`: a table without retrievable numbers
-MARKERS = ("COMPLETED", "FAILED", "RUNNING")
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,11 @@ class Run:
 
 
 def _read_run(path: Path) -> Run:
-    cfg = yaml.safe_load((path / "config_resolved.yaml").read_text()) or {}
+    layout = RunLayout(path)
+    cfg = yaml.safe_load(layout.resolved_config.read_text()) or {}
     status, message, finished = "unknown", "", 0.0
-    for marker in MARKERS:
+    # a final marker wins over RUNNING (``finish`` writes COMPLETED/FAILED, then removes RUNNING)
+    for marker in sorted(MARKERS, key=lambda m: m == "RUNNING"):
         m = path / marker
         if m.exists():
             status = marker.lower()
@@ -153,7 +157,7 @@ def _read_run(path: Path) -> Run:
                 message = lines[-1] if lines else ""
             break
     params = None
-    meta = path / "meta.json"
+    meta = layout.meta
     if meta.exists():
         try:
             params = json.loads(meta.read_text()).get("parameters", {}).get("trainable_pct")
@@ -171,7 +175,7 @@ def collect_runs(dirs: Iterable[str | Path]) -> list[Run]:
         d = stack.pop()
         if not d.is_dir():
             continue
-        if (d / "config_resolved.yaml").is_file():
+        if RunLayout(d).resolved_config.is_file():
             found.setdefault(d.resolve(), _read_run(d))
             continue
         stack.extend(
@@ -181,9 +185,10 @@ def collect_runs(dirs: Iterable[str | Path]) -> list[Run]:
 
 
 def _bbh_file(run_dir: Path, protocol: str | None) -> Path | None:
-    files = sorted((run_dir / "metrics").glob("eval_bbh_*.json"))
-    if protocol and (run_dir / "metrics" / f"eval_bbh_{protocol}.json") in files:
-        return run_dir / "metrics" / f"eval_bbh_{protocol}.json"
+    layout = RunLayout(run_dir)
+    files = sorted(layout.metrics.glob(layout.suite("bbh_*").name))
+    if protocol and layout.suite(f"bbh_{protocol}") in files:
+        return layout.suite(f"bbh_{protocol}")
     return files[0] if files else None
 
 
@@ -191,7 +196,7 @@ def metric_file(run_dir: Path, metric: str, bbh_protocol: str | None = None) -> 
     m = METRICS[metric]
     if m.suite == "bbh":
         return _bbh_file(run_dir, bbh_protocol)
-    p = run_dir / "metrics" / f"eval_{m.suite}.json"
+    p = RunLayout(run_dir).suite(m.suite)
     return p if p.exists() else None
 
 
