@@ -23,6 +23,7 @@ def heavy_after_import(module: str) -> list[str]:
     [
         "mtlora.config",
         "mtlora.config.checker",
+        "mtlora.config.compose",
         "mtlora.config.reference",
         "mtlora.config.train_rules",
         "mtlora.config.data_rules",
