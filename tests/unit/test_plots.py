@@ -153,7 +153,7 @@ def test_report_score_axes_start_at_zero_and_head_counts_are_integers(
     figures, monkeypatch, tmp_path: Path
 ) -> None:
     from mtlora.report import metric_plots as rplots
-    from mtlora.report.tables import Stat
+    from mtlora.report.aggregate import Stat
 
     def summary(runs, metric, keys, scale, protocol):
         return [
