@@ -13,7 +13,7 @@ __all__ = ["ConfigError", "DataError", "__version__", "load_run"]
 def __getattr__(name: str) -> Any:
     # load_run pulls in torch and transformers: import it on first use so `import mtlora` stays instant
     if name == "load_run":
-        from mtlora.load import load_run
+        from mtlora.trained_run import load_run
 
         return load_run
     raise AttributeError(f"module 'mtlora' has no attribute {name!r}")

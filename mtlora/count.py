@@ -60,7 +60,7 @@ def count(cfg: DictConfig) -> dict[str, Any]:
     from mtlora.adapters.base import adapter_layers  # torch: not on the --help path
     from mtlora.adapters.inject import inject_adapters
     from mtlora.adapters.registry import spec_of
-    from mtlora.models.loading import count_parameters, meta_model
+    from mtlora.models.factory import count_parameters, meta_model
 
     spec = spec_of(cfg.adapter.get("method"))
 

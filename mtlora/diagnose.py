@@ -1,6 +1,6 @@
 """``python -m mtlora.diagnose run_dir=R [diagnostics=full] [diagnostics.which=[conflict]]``: diagnostics of a saved run.
 
-Loads the finished run with :func:`mtlora.load.load_run` and rebuilds its data from the run's own
+Loads the finished run with :func:`mtlora.trained_run.load_run` and rebuilds its data from the run's own
 ``config_resolved.yaml`` (same tasks, splits and seed), then runs the diagnostics of the ``diagnostics``
 config group (``default`` unless given; every one of its ``which``, the schedule keys are ignored) on the
 run's training rows (gradient conflict, routing) and held-out rows (divergence, t-SNE of representations).
@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
+from mtlora.run.layout import RunLayout
 from mtlora.run.metrics import read_jsonl
 from mtlora.run.tracker import WANDB_ID_FILE, Tracker, tracker_accelerator, tracker_name
 from mtlora.utils.logging import console_logging
@@ -58,12 +59,12 @@ EXTRA_KEYS = ("run_dir", "device", "allow_incomplete", "trust_remote_code")
 
 def final_step(run_dir: Path) -> int:
     """The run's last optimizer step: the last ``metrics/train.jsonl`` record, else ``meta.json``, else 0."""
-    train = run_dir / "metrics" / "train.jsonl"
+    train = RunLayout(run_dir).log("train")
     if train.exists():
         records = read_jsonl(train)
         if records:
             return int(records[-1]["step"])
-    meta = run_dir / "meta.json"
+    meta = RunLayout(run_dir).meta
     if meta.exists():
         return int(json.loads(meta.read_text()).get("total_steps") or 0)
     return 0
@@ -114,13 +115,13 @@ def diagnose(
     """Run every diagnostic of ``diag_cfg.which`` on the saved run ``run_dir``; returns the records written.
 
     ``logger``: a ``logger`` config node that decides the tracker (None: the run's own ``logger``);
-    ``trust_remote_code``: see :func:`mtlora.load.guard_remote_code` (off unless given)."""
+    ``trust_remote_code``: see :func:`mtlora.trained_run.guard_remote_code` (off unless given)."""
     import datasets
 
     from mtlora.data import build_data
     from mtlora.diagnostics import DiagnosticsRunner
-    from mtlora.load import guard_remote_code, load_run
     from mtlora.run.rundir import load_resolved_config
+    from mtlora.trained_run import guard_remote_code, load_run
     from mtlora.utils.dist import require_device
 
     datasets.disable_progress_bars()

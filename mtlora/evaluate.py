@@ -16,7 +16,7 @@ Suites: those of the registry :mod:`mtlora.eval.suites` (:data:`SUITES`), run by
 ``heldin_gen`` and ``mmlu`` (:mod:`mtlora.eval.heldin_gen`, :mod:`mtlora.eval.mmlu`). Options read from the command line besides
 Hydra overrides: ``run_dir=``, ``out=`` (required with ``adapter=none``), ``allow_incomplete=true``,
 ``device=cpu|cuda``, ``adapter=none``, ``trust_remote_code=true`` (needed to load a run whose config enables
-remote code: :func:`mtlora.load.guard_remote_code`). Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
+remote code: :func:`mtlora.trained_run.guard_remote_code`). Hydra writes nothing (no ``.hydra/``, no log file, no run dir);
 only the eval outputs are written. A base-model evaluation (``adapter=none``, or a config whose
 ``adapter.method`` is ``none``, as the ``conf/experiment/<paper>/<table>/base.yaml`` presets) also makes
 ``out`` a run dir: ``RUNNING`` then ``COMPLETED``/``FAILED``, ``config_resolved.yaml`` (``adapter: {name:
@@ -122,8 +122,8 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
     device = torch.device(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = opts.get("run_dir")
     if run_dir:
-        from mtlora.load import guard_remote_code, load_run, run_task_names
         from mtlora.run.rundir import load_resolved_config
+        from mtlora.trained_run import guard_remote_code, load_run, run_task_names
 
         run_dir = Path(run_dir)
         check_output_dir(Path(opts.get("out") or run_dir), own=run_dir)  # before the model loads

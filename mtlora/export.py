@@ -9,7 +9,7 @@ Usage::
 Options: ``overwrite=true`` (write into a non-empty ``out``; never into a run's ``adapter/`` or into
 another run dir), ``allow_incomplete=true`` (export a run that
 is not ``COMPLETED``), ``trust_remote_code=true`` (load a run whose config enables remote code, see
-:func:`mtlora.load.guard_remote_code`). ``out`` defaults to ``RUN/export/<format>``.
+:func:`mtlora.trained_run.guard_remote_code`). ``out`` defaults to ``RUN/export/<format>``.
 
 ``format=peft`` writes files only (peft need not be installed to export)::
 
@@ -46,7 +46,7 @@ name or its id (the index in ``task_names`` of ``adapter/adapter_config.json``) 
 
 Only mergeable adapters export: ``merged`` needs every adapter layer to be mergeable (per task for the
 task-aware ones), ``peft`` needs LoRA, DoRA or M-LoRA (above). Adapters that route on the token
-input have no such form; load them with :func:`mtlora.load.load_run`.
+input have no such form; load them with :func:`mtlora.trained_run.load_run`.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ from mtlora.adapters import adapter_layers, find_targets, merge_adapters
 from mtlora.adapters.lora import lora_scaling
 from mtlora.adapters.registry import all_specs, get_spec, spec_of
 from mtlora.errors import ConfigError
-from mtlora.load import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
 from mtlora.run.rundir import check_output_dir, load_resolved_config
+from mtlora.trained_run import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
 from mtlora.utils.logging import console_logging
 
 __all__ = ["ExportError", "export_merged", "export_peft", "export_run", "main", "set_special_token_ids"]
@@ -100,7 +100,7 @@ def _check_method(run_dir: Path, method: str, fmt: str) -> None:
         elif cls.per_task_mergeable:
             hint = " (try format=merged task_id=<task>)"
         else:
-            hint = "; load it with mtlora.load.load_run"
+            hint = "; load it with mtlora.load_run"
         raise ExportError(
             f"run dir {run_dir}: format=peft writes a peft LoRA (or DoRA), but this run's adapter is "
             f"adapter.method={method!r} ({cls.__name__}); only adapter.method in {PEFT_METHODS} exports "
@@ -109,7 +109,7 @@ def _check_method(run_dir: Path, method: str, fmt: str) -> None:
     if fmt == "merged" and not (cls.mergeable or cls.per_task_mergeable):
         raise ExportError(
             f"run dir {run_dir}: adapter.method={method!r} ({cls.__name__}) routes on the token input and "
-            "cannot be merged into the base weights; load it with mtlora.load.load_run"
+            "cannot be merged into the base weights; load it with mtlora.load_run"
         )
 
 

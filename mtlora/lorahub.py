@@ -155,7 +155,7 @@ def _flat(d, prefix: str) -> dict[str, object]:
 def check_library_run(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """Check that ``run_dir`` is a finished plain-LoRA run whose base model and LoRA shape match ``cfg``;
     returns its resolved config. Errors name the run dir and the first mismatching key."""
-    from mtlora.load import RunLoadError, check_run_dir
+    from mtlora.trained_run import RunLoadError, check_run_dir
 
     try:
         check_run_dir(run_dir)

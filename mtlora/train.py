@@ -61,7 +61,7 @@ def preflight(cfg: DictConfig) -> None:
     from mtlora.config import validate_config
     from mtlora.config.reference import hydra_reference
     from mtlora.config.validate import build_optimization
-    from mtlora.models.loading import meta_model
+    from mtlora.models.factory import meta_model
 
     if cfg.adapter.get("method") == "none":  # a Base row (conf/experiment/<paper>/<table>/base.yaml)
         raise ConfigError(

@@ -47,7 +47,7 @@ Two benchmarks (results: a markdown table on stdout, and a record appended to ``
    which is why neither is used. The measured step is separate from the timed ones (the tracker is slow).
 
 2. **Ours vs peft** (``--peft``): a random-init whole model from ``conf/model/<--peft-model>.yaml``
-   (``mtlora.models.loading.build_model`` with ``init=random``; ``--peft-layers`` overrides the number of
+   (``mtlora.models.factory.build_model`` with ``init=random``; ``--peft-layers`` overrides the number of
    decoder layers), once with ``mtlora``'s ``lora`` injected and once wrapped by ``peft.get_peft_model`` with the
    same rank, alpha, dropout and targets. Same token batch (labels = inputs), each step = forward + backward +
    ``torch.optim.AdamW`` step; the two models alternate in rounds. Tokens/s = batch·seq / median step time.

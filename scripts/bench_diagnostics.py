@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mtlora
 
+from mtlora.config.compose import compose_train_config  # noqa: E402
 from mtlora.diagnostics.runner import DiagnosticsRunner  # noqa: E402
+from mtlora.run.layout import RunLayout  # noqa: E402
 from mtlora.training.loop import run_training  # noqa: E402
-from tests.helpers.compose import compose_train  # noqa: E402
 
 
 def timed_runner_seconds() -> list[float]:
@@ -75,14 +75,14 @@ def main() -> None:
             for setting in ("none", "default"):
                 d = Path(tmp) / f"{setting}_{i}"
                 d.mkdir()
-                cfg = compose_train([*base, f"diagnostics={setting}"], run_dir=d)
+                cfg = compose_train_config([*base, f"diagnostics={setting}"], run_dir=d)
                 spent[0] = 0.0
                 t = time.perf_counter()
                 run_training(cfg, d)
                 walls[setting].append(time.perf_counter() - t)
                 if setting == "default":
                     diag.append(spent[0])
-                    n = len((d / "metrics" / "diagnostics.jsonl").read_text().splitlines())
+                    n = len(RunLayout(d).log("diagnostics").read_text().splitlines())
     w_none, w_def, d_s = (statistics.median(v) for v in (walls["none"], walls["default"], diag))
     print(f"adapter={args.adapter} steps={args.steps} repeats={args.repeats} threads={args.threads}")
     print(f"| setting | wall s (median) |\n|---|---|\n| none | {w_none:.2f} |\n| default | {w_def:.2f} |")

@@ -56,7 +56,7 @@ def load_model(args):
         from omegaconf import OmegaConf
 
         from mtlora.models.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
-        from mtlora.models.loading import build_model
+        from mtlora.models.factory import build_model
 
         cfg = OmegaConf.load(REPO / "conf" / "model" / f"{args.random_model}.yaml")
         cfg.init = "random"

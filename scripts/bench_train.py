@@ -55,7 +55,7 @@ CONF = REPO / "conf"
 sys.path.insert(0, str(REPO))
 
 from mtlora.adapters import inject_adapters  # noqa: E402
-from mtlora.models.loading import arch_config, build_model, torch_dtype  # noqa: E402
+from mtlora.models.factory import arch_config, build_model, torch_dtype  # noqa: E402
 from mtlora.training.alignment import AlignmentTerm  # noqa: E402
 from mtlora.training.compile import compile_decoder_layers  # noqa: E402
 

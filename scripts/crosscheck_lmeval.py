@@ -25,7 +25,7 @@ Needs ``pip install 'mtlora[crosscheck]'`` (lm-eval). Runs fully offline. Steps:
    ``--max-length N`` sets lm-eval's ``max_length`` model argument and our ``eval.bbh.model_max_length``
    alike. With the defaults ``bbh_cot_fewshot`` (1024 new tokens) is refused by both on a 512-position model.
 4. Our ``run_bbh`` with the matching protocol on the same weights (``--ours-model hf``: the same HF dir; ``run``:
-   :func:`mtlora.load.load_run`, adapters unmerged).
+   :func:`mtlora.trained_run.load_run`, adapters unmerged).
 5. Per example: prompt text identical, raw generation identical (both cut at the stop strings), extracted
    answer identical, correctness identical. Prints a per-task table, writes ``DIR/crosscheck_report.json``
    (counts + every disagreement with both sides' text).
@@ -194,7 +194,7 @@ def hf_model_dir(run_dir: Path, out: Path) -> tuple[Path, Path]:
         from transformers import AutoTokenizer
 
         from mtlora.export import set_special_token_ids
-        from mtlora.load import load_base_model
+        from mtlora.trained_run import load_base_model
 
         dest = out / "hf_model"
         model = load_base_model(run_dir, cfg)
@@ -339,7 +339,7 @@ def run_ours(model_dir: Path, tok_dir: Path, tasks: list[str], args, out: Path) 
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.ours_model == "run":
-        from mtlora.load import load_run
+        from mtlora.trained_run import load_run
 
         model, tok = load_run(args.run_dir, device=args.device)
         model = model.to(dtype)

@@ -11,7 +11,7 @@ Runs are dirs with a ``config_resolved.yaml`` (searched recursively); those with
 ``report: {paper, table}`` equal to --paper/--table are grouped by (cell, column) over seeds. The papers'
 numbers and citations come from docs/paper_numbers.yaml (--numbers). Writes into --out: ``table.md``,
 ``table.csv`` (long form), ``table.tex`` (booktabs), or ``summary.{md,csv}`` without a table, and
-``<plot>.png``. Logic: mtlora.report.tables / mtlora.report.plots.
+``<plot>.png``. Logic: mtlora.report (run_dirs, aggregate, render, metric_plots).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable without installing the package
     sys.path.insert(0, str(REPO))
 
-from mtlora.report import plots, tables  # noqa: E402
+from mtlora.report import aggregate, metric_plots, render, run_dirs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,9 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper", help="paper id (docs/paper_numbers.yaml), e.g. align_lora")
     p.add_argument("--table", help="table id, e.g. t4")
     p.add_argument("--out", required=True, help="output dir")
-    p.add_argument("--metric", choices=sorted(tables.METRICS), help="override the table's metric")
+    p.add_argument("--metric", choices=sorted(run_dirs.METRICS), help="override the table's metric")
     p.add_argument("--numbers", help="paper numbers file (default docs/paper_numbers.yaml)")
-    p.add_argument("--plot", action="append", default=[], choices=[*plots.CURVES, "per-task"])
+    p.add_argument("--plot", action="append", default=[], choices=[*metric_plots.CURVES, "per-task"])
     p.add_argument("--group-by", nargs="*", default=[], help="summary mode: extra config paths to group by")
     p.add_argument("--scale", type=float, help="summary mode / plots: metric multiplier (default 100)")
     a = p.parse_args(argv)
@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = tables.collect_runs(a.runs)
+    runs = run_dirs.collect_runs(a.runs)
     protocol = None
     if a.paper:
-        numbers = tables.load_paper_numbers(a.numbers)
-        spec = tables.table_spec(numbers, a.paper, a.table)
-        table = tables.build_table(runs, spec, numbers, a.metric)
-        md = tables.to_markdown(table)
+        numbers = aggregate.load_paper_numbers(a.numbers)
+        spec = aggregate.table_spec(numbers, a.paper, a.table)
+        table = aggregate.build_table(runs, spec, numbers, a.metric)
+        md = render.to_markdown(table)
         (out / "table.md").write_text(md)
-        (out / "table.csv").write_text(tables.to_csv(table))
-        (out / "table.tex").write_text(tables.to_latex(table))
+        (out / "table.csv").write_text(render.to_csv(table))
+        (out / "table.tex").write_text(render.to_latex(table))
         runs = [r for r in runs if r.paper == a.paper and r.table == a.table]
         protocol = spec.get("bbh_protocol")
         scale = a.scale or float(spec.get("scale", 100))
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         scale = a.scale or 100.0
         metric = a.metric
-        summary = tables.build_summary(runs, metric, a.group_by, scale)
-        md = tables.summary_markdown(summary, metric, a.group_by, scale)
+        summary = aggregate.build_summary(runs, metric, a.group_by, scale)
+        md = render.summary_markdown(summary, metric, a.group_by, scale)
         (out / "summary.md").write_text(md)
         with (out / "summary.csv").open("w", newline="") as f:
             w = csv.writer(f)
@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         png = out / f"{name.replace('-', '_')}.png"
         if name == "per-task":
-            done = plots.plot_per_task(runs, metric, png, scale, protocol)
+            done = metric_plots.plot_per_task(runs, metric, png, scale, protocol)
         else:
-            x_path, xlabel, log_base = plots.CURVES[name]
-            done = plots.plot_curve(runs, metric, x_path, png, xlabel, scale, protocol, log_base=log_base)
+            x_path, xlabel, log_base = metric_plots.CURVES[name]
+            done = metric_plots.plot_curve(
+                runs, metric, x_path, png, xlabel, scale, protocol, log_base=log_base
+            )
         print(
             f"plot {name}: {done}" if done else f"plot {name}: no finished runs with {metric}",
             file=sys.stderr,

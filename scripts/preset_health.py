@@ -79,7 +79,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write  # noqa: E402
 
-from mtlora.data.build import rows_per_task  # noqa: E402
+from mtlora.data.batching import rows_per_task  # noqa: E402
 from mtlora.utils.resolvers import register_resolvers  # noqa: E402
 
 #: the synthetic tasks of a smoke run (data=synthetic's four and `reverse`)

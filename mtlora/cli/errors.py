@@ -20,7 +20,7 @@ PROJECT_ERRORS = frozenset(
     {
         ("mtlora.errors", "ConfigError"),
         ("mtlora.errors", "DataError"),
-        ("mtlora.load", "RunLoadError"),
+        ("mtlora.trained_run", "RunLoadError"),
         ("mtlora.export", "ExportError"),
         ("mtlora.run.rundir", "RunDirBusy"),
         ("mtlora.training.watchdog", "TrainingDiverged"),

@@ -5,7 +5,7 @@ dicts/arrays: :mod:`.heads` (inter-head similarity), :mod:`.conflict` (per-task 
 :mod:`.spectral` (SV spectra, mtLoRA's SV-band cross-expert alignment and SV importance), :mod:`.routing`
 (routing entropy, expert-usage CV², mean routing weights per task), :mod:`.divergence` (KL / MMD between
 the tasks' A-space representations), :mod:`.tsne` (2-D embeddings of parameters and representations) and
-:mod:`.plots`. :mod:`.runner` runs the configured set (``diagnostics=`` config group) on a schedule;
+:mod:`.diagnostic_plots`. :mod:`.runner` runs the configured set (``diagnostics=`` config group) on a schedule;
 ``python -m mtlora.diagnose run_dir=R`` runs it on a saved run; :mod:`.compare`
 (``python -m mtlora.diagnostics.compare RUN_A RUN_B ...``) compares runs like with like.
 """

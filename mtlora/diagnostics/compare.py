@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from mtlora.diagnostics.conflict import cosine_drop_pct
-from mtlora.diagnostics.plots import layer_order
+from mtlora.diagnostics.diagnostic_plots import layer_order
 from mtlora.errors import ConfigError
 
 DELTA_W = "delta_w"
@@ -129,7 +129,7 @@ def compare_runs(run_dirs: list[str | Path], labels: list[str] | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mtlora.diagnostics import plots
+    from mtlora.diagnostics import diagnostic_plots as plots
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(

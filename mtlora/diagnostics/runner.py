@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtlora.diagnostics import plots
+from mtlora.diagnostics import diagnostic_plots as plots
 from mtlora.diagnostics.common import jsonable, mixed_batches, pooled_prompt_batches, task_batches
 from mtlora.diagnostics.config import DIAGNOSTICS, _get, _plain, check_diagnostics_config
 from mtlora.diagnostics.conflict import gradient_conflict

@@ -151,7 +151,7 @@ def check_room(bbh_cfg: DictConfig | dict | None, model_cfg: DictConfig | None) 
     length = s["model_max_length"]
     if length is None and model_cfg is not None and model_cfg.get("init") == "random":
         from mtlora.eval.generate import MODEL_LENGTH_ATTRS, model_max_length
-        from mtlora.models.loading import arch_config
+        from mtlora.models.factory import arch_config
 
         config = arch_config(model_cfg)
         cfg = getattr(config, "text_config", None) or config

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from mtlora.models.loading import param_numel
+from mtlora.models.factory import param_numel
 from mtlora.utils.io import atomic_write, atomic_write_text
 
 MAX_SAVED_PARAMS = 100_000_000

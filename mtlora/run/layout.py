@@ -72,6 +72,16 @@ class RunLayout:
         return self.root / EARLIER_EVALS
 
     # ------------------------------------------------------------------------------------------ files
+    @property
+    def resolved_config(self) -> Path:
+        """``config_resolved.yaml``: the run's composed config, every interpolation resolved."""
+        return self.root / "config_resolved.yaml"
+
+    @property
+    def meta(self) -> Path:
+        """``meta.json``: environment, parameter counts, timings."""
+        return self.root / "meta.json"
+
     def log(self, name: str) -> Path:
         """``metrics/<name>.jsonl``: an append-only series (``train``, ``eval``, ``diagnostics``)."""
         return self.metrics / f"{name}.jsonl"

@@ -218,7 +218,7 @@ def check_checkpoint_fits(cfg: Any, ckpt_dir: Path) -> None:
     from mtlora.adapters import inject_adapters
     from mtlora.adapters.state import check_adapter_fits
     from mtlora.errors import ConfigError
-    from mtlora.models.loading import meta_model
+    from mtlora.models.factory import meta_model
 
     ds_ckpt, ds_cfg = (ckpt_dir / DEEPSPEED_TAG).is_dir(), bool(cfg.hardware.get("deepspeed"))
     if ds_ckpt != ds_cfg:

@@ -12,10 +12,6 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def launched_as_worker() -> bool:
     """True when this process was started by a distributed launcher (it has a ``WORLD_SIZE``)."""
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ

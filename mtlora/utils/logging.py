@@ -17,10 +17,6 @@ from mtlora.utils.dist import env_rank
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-def get_logger(name: str) -> logging.Logger:
-    return logging.getLogger(name)
-
-
 def console_logging(level: int = logging.INFO) -> None:
     """INFO (``level``) and above to stderr in :data:`LOG_FORMAT`, for entry points without Hydra's logging."""
     logging.basicConfig(level=level, format=LOG_FORMAT)

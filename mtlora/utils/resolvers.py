@@ -7,7 +7,7 @@ import os
 from omegaconf import OmegaConf
 
 from mtlora.utils.dist import env_rank
-from mtlora.utils.paths import REPO_ROOT, project_root
+from mtlora.utils.paths import REPO_ROOT, default_data_dir, project_root
 
 __all__ = ["REPO_ROOT", "register_resolvers"]
 
@@ -44,6 +44,7 @@ def register_resolvers() -> None:
     """Register the ``mtlora.*`` resolvers (idempotent)."""
     table = {
         "mtlora.root": lambda: str(project_root()),
+        "mtlora.data_dir": lambda: str(default_data_dir()),  # paths.data_dir: the one data-dir rule
         "mtlora.pid": lambda: str(os.getpid()),
         "mtlora.rank_subdir": _rank_subdir,
         "mtlora.staged_subdir": _staged_subdir,

@@ -20,7 +20,7 @@ from mtlora.adapters.inject import inject_adapters
 def bench_peft(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
-    from mtlora.models.loading import build_model
+    from mtlora.models.factory import build_model
 
     mcfg = load_yaml_with_defaults("model", args.peft_model)
     mcfg.init = "random"

@@ -12,11 +12,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from mtlora.utils.paths import default_data_dir
 from mtlora.utils.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
-DATA_DIR = Path(os.environ.get("MTLORA_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA_DIR = default_data_dir()
 
 
 def compose_train(overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from mtlora.data import build_data
-from mtlora.data.build import rows_per_task
+from mtlora.data.batching import rows_per_task
 from mtlora.data.collate import collate
 from mtlora.data.mixture import BatchStream
-from mtlora.load import load_run
 from mtlora.losses.alignment import alignment_loss
 from mtlora.run.rundir import load_resolved_config, save_resolved_config
+from mtlora.trained_run import load_run
 from mtlora.training.alignment import AlignmentTerm
 from mtlora.training.loop import build_model_and_data, run_training
 from tests.helpers.compose import compose_train
@@ -81,7 +81,7 @@ def test_kl_alignment_lowers_the_between_task_kl_in_a_space(tmp_path: Path) -> N
 
 def test_alignment_needs_and_gets_task_balanced_micro_batches(tmp_path: Path) -> None:
     from mtlora.config import validate_config
-    from mtlora.data.build import rows_per_task
+    from mtlora.data.batching import rows_per_task
     from mtlora.errors import ConfigError
 
     cfg = compose_train(["adapter=align_mmd"], run_dir=tmp_path)

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from mtlora.diagnose import diagnose, with_defaults
 from mtlora.diagnostics import DiagnosticsRunner
 from mtlora.diagnostics.heads import INIT_FILE, load_initial_heads
-from mtlora.load import load_run
 from mtlora.train import run
+from mtlora.trained_run import load_run
 from tests.helpers.compose import REPO, compose_train, run_module
 from tests.helpers.training import SHORT_RUN, logged, train_tiny
 from tests.helpers.wandb_files import offline_runs as _offline_runs

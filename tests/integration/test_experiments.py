@@ -25,11 +25,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlora.config.validate import validate_config
-from mtlora.data.build import rows_per_task
+from mtlora.data.batching import rows_per_task
 from mtlora.errors import ConfigError
 from mtlora.eval.mmlu import load_subject
 from mtlora.evaluate import evaluate
-from mtlora.report import run_table, tables
+from mtlora.report import aggregate, render, run_dirs, run_table
 from mtlora.train import preflight, run
 from tests.helpers.compose import CONF, REPO, compose_train
 from tests.helpers.training import train_tiny
@@ -215,12 +215,12 @@ def test_base_row_run_dir_fills_the_base_cell(tmp_path: Path) -> None:
     saved = OmegaConf.load(d / "config_resolved.yaml")
     assert OmegaConf.to_container(saved.adapter) == {"name": "none", "method": "none"}
     assert dict(saved.report) == {"paper": "hydralora", "table": "t3", "cell": "base"}
-    numbers = tables.load_paper_numbers()
-    spec = tables.table_spec(numbers, "hydralora", "t3")
-    table = tables.build_table(tables.collect_runs([runs]), spec, numbers)
+    numbers = aggregate.load_paper_numbers()
+    spec = aggregate.table_spec(numbers, "hydralora", "t3")
+    table = aggregate.build_table(run_dirs.collect_runs([runs]), spec, numbers)
     base = next(r for r in table.rows if r.cell == "base")
     assert base.ours["tiny"] is not None and base.ours["tiny"].n == 1
-    assert base.paper["llama2-7b"] == 31.6 and "| Base (no adapter) | base |" in tables.to_markdown(table)
+    assert base.paper["llama2-7b"] == 31.6 and "| Base (no adapter) | base |" in render.to_markdown(table)
     assert not table.failed and not table.no_metric
     with pytest.raises(ConfigError, match="mtlora.evaluate"):
         run(compose_train(["experiment=hydralora/t3/base", *TINY], run_dir=tmp_path / "t"), tmp_path / "t")

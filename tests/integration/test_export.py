@@ -1,4 +1,4 @@
-"""Loading a finished run (``mtlora.load.load_run``) and exporting it (``mtlora.export``): same logits as
+"""Loading a finished run (``mtlora.trained_run.load_run``) and exporting it (``mtlora.export``): same logits as
 the trained model, in mtlora, in peft and as a merged HF model; clear errors for unusable run dirs.
 
 One tiny run is trained in this process (3 steps, high lr so that every B is non-zero) and shared."""
@@ -21,9 +21,9 @@ from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.registry import ADAPTER_METHODS, registered
 from mtlora.adapters.spec import MethodSpec
 from mtlora.export import ExportError, _peft_target_modules, export_merged, export_peft, main
-from mtlora.load import RunLoadError, load_base_model, load_run
 from mtlora.models import build_model
 from mtlora.run.rundir import finish, save_resolved_config
+from mtlora.trained_run import RunLoadError, load_base_model, load_run
 from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train, run_module
 from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN
@@ -220,7 +220,7 @@ def _refused_with_reasons(trained, tmp_path: Path, capsys) -> None:
     for fmt in ("merged", "peft"):
         assert main([f"run_dir={d}", f"format={fmt}", f"out={tmp_path / fmt}"]) == 2
         err = capsys.readouterr().err
-        assert f"run dir {d}" in err and "routed_test" in err and "mtlora.load.load_run" in err
+        assert f"run dir {d}" in err and "routed_test" in err and "mtlora.load_run" in err
         assert not (tmp_path / fmt).exists()
     assert main([f"run_dir={d}", "format=onnx"]) == 2
     assert "format='onnx': allowed values are ['peft', 'merged']" in capsys.readouterr().err

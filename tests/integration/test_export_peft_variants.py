@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 from mtlora.adapters import MLoraLinear, adapter_layers
 from mtlora.adapters.context import AdapterContext
 from mtlora.export import ExportError, _peft_tensors, export_peft, main
-from mtlora.load import load_run
 from mtlora.run.rundir import finish, save_resolved_config
+from mtlora.trained_run import load_run
 from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN

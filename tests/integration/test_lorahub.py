@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from mtlora.data.build import build_data
 from mtlora.data.collate import collate
 from mtlora.export import export_peft
-from mtlora.load import load_run
 from mtlora.train import run
+from mtlora.trained_run import load_run
 from tests.helpers.compose import compose_train, run_cli
 
 TASKS = ("boolean_expressions", "counting")

@@ -14,8 +14,8 @@ import pytest
 
 import mtlora.errors
 from mtlora.errors import ConfigError
-from mtlora.load import load_run
 from mtlora.train import run
+from mtlora.trained_run import load_run
 from mtlora.training.checkpoint import list_checkpoints, resolve_resume
 from tests.helpers.compose import compose_train
 

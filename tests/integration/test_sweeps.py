@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError
-from mtlora.report.plots import CURVES
+from mtlora.report.metric_plots import CURVES
 from mtlora.report.sweeps import check_swept_keys
 from mtlora.run.callbacks import FAILED_JOBS, failed_jobs
 from mtlora.train import _job_failed, _result

@@ -3,6 +3,7 @@ paper-numbers file, and the plots."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlora.report import plots, tables
+from mtlora.report import aggregate, metric_plots, render, run_dirs
 from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,13 +153,13 @@ Paper notes:
 """
 
 
-def build(runs_root: Path, table: str = "t4", numbers: dict = NUMBERS) -> tables.Table:
-    spec = tables.table_spec(numbers, "demo", table)
-    return tables.build_table(tables.collect_runs([runs_root]), spec, numbers)
+def build(runs_root: Path, table: str = "t4", numbers: dict = NUMBERS) -> aggregate.Table:
+    spec = aggregate.table_spec(numbers, "demo", table)
+    return aggregate.build_table(run_dirs.collect_runs([runs_root]), spec, numbers)
 
 
 def test_collect_runs_finds_every_run_dir_with_its_status(runs_root: Path) -> None:
-    runs = tables.collect_runs([runs_root])
+    runs = run_dirs.collect_runs([runs_root])
     assert len(runs) == 6
     assert sorted(r.status for r in runs).count("completed") == 5
     failed = [r for r in runs if r.status == "failed"]
@@ -172,20 +173,20 @@ def test_markdown_is_the_paper_layout_with_mean_std_and_failed_runs(runs_root: P
     assert row.ours["qwen2.5-7b"].mean == pytest.approx(51.0)
     assert row.ours["qwen2.5-7b"].std == pytest.approx(2**0.5)
     assert row.delta("qwen2.5-7b") == pytest.approx(0.72)
-    assert tables.to_markdown(table) == EXPECTED_MD.format(root=runs_root.resolve())
+    assert render.to_markdown(table) == EXPECTED_MD.format(root=runs_root.resolve())
 
 
 def test_csv_and_latex_shapes(runs_root: Path) -> None:
     table = build(runs_root)
-    rows = list(csv.DictReader(io.StringIO(tables.to_csv(table))))
-    assert list(rows[0]) == tables.CSV_COLUMNS
+    rows = list(csv.DictReader(io.StringIO(render.to_csv(table))))
+    assert list(rows[0]) == render.CSV_COLUMNS
     assert len(rows) == 3 * 2  # rows x columns, long form
     first = rows[0]
     assert (first["cell"], first["column"], first["ours_mean"], first["n"], first["seeds"]) == (
         "lora_r10", "qwen2.5-7b", "48.0000", "2", "0 1",
     )  # fmt: skip
     assert (first["paper_value"], first["delta"], first["provenance"]) == ("48.36", "-0.3600", "paper")
-    tex = tables.to_latex(table)
+    tex = render.to_latex(table)
     assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
     assert r"\begin{tabular}{lrrrrrrrr}" in tex
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
@@ -232,7 +233,7 @@ def test_task_and_cell_suffix_tables(tmp_path: Path) -> None:
 
 
 def test_paper_numbers_file_loads_and_every_table_is_cited() -> None:
-    numbers = tables.load_paper_numbers()
+    numbers = aggregate.load_paper_numbers()
     n = 0
     for paper in numbers["papers"].values():
         for t in (paper.get("tables") or {}).values():
@@ -240,19 +241,19 @@ def test_paper_numbers_file_loads_and_every_table_is_cited() -> None:
             assert t["citation"] and t["caption"]
             has_values = any((r or {}).get("values") for r in t["rows"].values())
             assert t["provenance"] in (
-                tables.PROVENANCE_TAGS if has_values else (*tables.PROVENANCE_TAGS, "none")
+                aggregate.PROVENANCE_TAGS if has_values else (*aggregate.PROVENANCE_TAGS, "none")
             )
             metrics = t["metric"].values() if isinstance(t["metric"], dict) else [t["metric"]]
-            assert all(m is None or m in tables.METRICS for m in metrics)
+            assert all(m is None or m in run_dirs.METRICS for m in metrics)
     assert n >= 15
-    t4 = tables.table_spec(numbers, "align_lora", "t4")
+    t4 = aggregate.table_spec(numbers, "align_lora", "t4")
     assert t4["rows"]["a_lora_k"]["values"]["qwen2.5-7b"] == 50.28
     # every preset's report cell is a row (or, for cell_suffix tables, a row + column) of its table
     for preset in (REPO / "conf/experiment").glob("*/*/*.yaml"):
         report = yaml.safe_load(preset.read_text()).get("report")
         if not report or report["paper"] not in numbers["papers"]:
             continue
-        spec = tables.table_spec(numbers, report["paper"], report["table"])
+        spec = aggregate.table_spec(numbers, report["paper"], report["table"])
         cell = report["cell"]
         if spec.get("column_by") == "cell_suffix":
             cell = next((cell[: -len(c) - 1] for c in spec["columns"] if cell.endswith("_" + c)), cell)
@@ -276,14 +277,16 @@ def test_plots_are_written(tmp_path: Path) -> None:
             weight=rank / 10,
             files={f: data},
         )
-    runs = tables.collect_runs([tmp_path])
+    runs = run_dirs.collect_runs([tmp_path])
     for png in (
-        plots.plot_curve(runs, "heldin_exact_match", "adapter.rank", tmp_path / "out/rank.png", log_base=2),
-        plots.plot_curve(runs, "heldin_exact_match", "alignment.weight", tmp_path / "out/lambda.png"),
-        plots.plot_per_task(runs, "heldin_exact_match", tmp_path / "out/per_task.png"),
+        metric_plots.plot_curve(
+            runs, "heldin_exact_match", "adapter.rank", tmp_path / "out/rank.png", log_base=2
+        ),
+        metric_plots.plot_curve(runs, "heldin_exact_match", "alignment.weight", tmp_path / "out/lambda.png"),
+        metric_plots.plot_per_task(runs, "heldin_exact_match", tmp_path / "out/per_task.png"),
     ):
         assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
-    summary = tables.build_summary(runs, "heldin_exact_match", ["adapter.rank"])
+    summary = aggregate.build_summary(runs, "heldin_exact_match", ["adapter.rank"])
     assert [(g["adapter.rank"], round(g["stat"].mean, 6), g["stat"].n) for g in summary] == [
         (2, 15.0, 2),
         (8, 45.0, 2),
@@ -317,7 +320,7 @@ def test_script_main_writes_the_reports(runs_root: Path, tmp_path: Path) -> None
 def test_base_row_is_filled_from_a_base_model_evaluation_run_dir(tmp_path: Path) -> None:
     """A Base row's run dir (``python -m mtlora.evaluate experiment=<paper>/<table>/base out=DIR``: adapter
     ``none``, no meta.json parameters) fills the paper's Base cell; its %params stay empty."""
-    numbers = tables.load_paper_numbers()
+    numbers = aggregate.load_paper_numbers()
     d = tmp_path / "hydralora_t3" / "llama2-7b" / "base" / "s41"
     (d / "metrics").mkdir(parents=True)
     cfg = {
@@ -330,14 +333,14 @@ def test_base_row_is_filled_from_a_base_model_evaluation_run_dir(tmp_path: Path)
     (d / "COMPLETED").write_text("t\n")
     (d / "meta.json").write_text(json.dumps({"config_hash": "x"}))
     (d / "metrics" / "eval_bbh_opencompass_cot.json").write_text(json.dumps(bbh(0.3)))
-    table = tables.build_table(
-        tables.collect_runs([tmp_path]), tables.table_spec(numbers, "hydralora", "t3"), numbers
+    table = aggregate.build_table(
+        run_dirs.collect_runs([tmp_path]), aggregate.table_spec(numbers, "hydralora", "t3"), numbers
     )
     base = table.rows[0]
     assert base.cell == "base" and base.ours["llama2-7b"].mean == pytest.approx(30.0)
     assert base.delta("llama2-7b") == pytest.approx(30.0 - 31.6) and base.params_ours == {}
     assert ("base", ["llama2-7b"]) not in table.missing
-    assert "| Base (no adapter) | base | 30.00 (1) | 31.60 | -1.60 |" in tables.to_markdown(table)
+    assert "| Base (no adapter) | base | 30.00 (1) | 31.60 | -1.60 |" in render.to_markdown(table)
 
 
 def test_sweep_summaries_plot_lambda_and_heads(tmp_path: Path) -> None:
@@ -359,3 +362,15 @@ def test_sweep_summaries_plot_lambda_and_heads(tmp_path: Path) -> None:
             (str(x), y)
             for x, y in zip((1, 3, 10) if plot == "heads" else (0.01, 0.1, 0.5), (10.0, 20.0, 30.0))
         ]
+
+
+def test_csv_writes_paper_values_as_given_and_quotes_commas(runs_root: Path) -> None:
+    numbers = copy.deepcopy(NUMBERS)
+    numbers["papers"]["demo"]["tables"]["t4"]["rows"]["lora_r10"]["values"]["qwen2.5-7b"] = 48
+    lines = render.to_csv(build(runs_root, numbers=numbers)).splitlines()
+    assert lines[0] == ",".join(render.CSV_COLUMNS)
+    assert lines[1] == (
+        "demo,t4,lora_r10,LoRA r=10,qwen2.5-7b,qwen2.5-7b,bbh_macro,48.0000,1.4142,2,0 1,48,0.0000,0.2500,0.25,"
+        'paper,"arXiv 0000.00000, Table 4"'
+    )
+    assert lines[2].split(",")[11] == "44.89"  # a float paper value as written

@@ -28,7 +28,7 @@ import pytest
 
 from mtlora.adapters.inject import inject_adapters
 from mtlora.count import count
-from mtlora.models.loading import meta_model
+from mtlora.models.factory import meta_model
 from tests.helpers.compose import compose_train
 
 QV = "adapter.target_modules=[q_proj,v_proj]"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from matplotlib import pyplot as plt
 
-from mtlora.diagnostics import plots as dplots
+from mtlora.diagnostics import diagnostic_plots as dplots
 from mtlora.diagnostics import tsne
 from mtlora.run.plots import plot_loss
 
@@ -152,8 +152,8 @@ def test_head_similarity_and_routing_have_integer_axes(figures, tmp_path: Path) 
 def test_report_score_axes_start_at_zero_and_head_counts_are_integers(
     figures, monkeypatch, tmp_path: Path
 ) -> None:
-    from mtlora.report import plots as rplots
-    from mtlora.report.tables import Stat
+    from mtlora.report import metric_plots as rplots
+    from mtlora.report.aggregate import Stat
 
     def summary(runs, metric, keys, scale, protocol):
         return [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlora.data.build import rows_per_task
+from mtlora.data.batching import rows_per_task
 from tests.helpers.scripts import load_script
 
 

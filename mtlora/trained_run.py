@@ -2,7 +2,7 @@
 
 Usage::
 
-    from mtlora.load import load_run
+    from mtlora import load_run
 
     model, tokenizer = load_run("outputs/train/runs/<run_name>/<date_time>_local_<pid>")
     batch = tokenizer(["12+7="], return_tensors="pt")
@@ -49,9 +49,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from mtlora.adapters import inject_adapters, load_adapter
 from mtlora.adapters.state import ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError, IntegrityError
-from mtlora.models.loading import build_model, torch_dtype
+from mtlora.models.factory import build_model, torch_dtype
 from mtlora.run.base_model import base_parameters, fingerprint
-from mtlora.run.rundir import RESOLVED_CONFIG, load_resolved_config
+from mtlora.run.layout import RunLayout
+from mtlora.run.rundir import MARKERS, RESOLVED_CONFIG, load_resolved_config
 
 __all__ = [
     "RunLoadError",
@@ -105,13 +106,13 @@ def guard_remote_code(cfg: DictConfig, run_dir: Path, trust_remote_code: bool = 
 def run_task_names(run_dir: str | Path) -> list[str] | None:
     """The run's training task names in task-id order, as saved in ``adapter/adapter_config.json`` (None
     when the run saved no adapter config or no names)."""
-    path = Path(run_dir) / "adapter" / "adapter_config.json"
+    path = RunLayout(run_dir).adapter_config
     names = json.loads(path.read_text()).get("task_names") if path.exists() else None
     return None if names is None else [str(n) for n in names]
 
 
 def _status(run_dir: Path) -> str:
-    for marker in ("COMPLETED", "FAILED", "RUNNING"):
+    for marker in sorted(MARKERS, key=lambda m: m == "RUNNING"):  # a final marker first
         path = run_dir / marker
         if path.exists():
             text = " ".join(path.read_text().split())
@@ -132,8 +133,14 @@ def check_run_dir(run_dir: str | Path, allow_incomplete: bool = False) -> Path:
             f"run dir {run_dir} is not COMPLETED (status: {_status(run_dir)}); "
             "pass allow_incomplete=True to load its saved adapter anyway"
         )
-    needed = [RESOLVED_CONFIG, f"adapter/{ADAPTER_WEIGHTS}", "base_model/source.json", "base_model/tokenizer"]
-    missing = [rel for rel in needed if not (run_dir / rel).exists()]
+    layout = RunLayout(run_dir)
+    needed = [
+        layout.resolved_config,
+        layout.adapter / ADAPTER_WEIGHTS,
+        layout.base_model_source,
+        layout.base_model / "tokenizer",
+    ]
+    missing = [p.relative_to(run_dir).as_posix() for p in needed if not p.exists()]
     if missing:
         raise RunLoadError(
             f"run dir {run_dir} lacks {', '.join(missing)} (status: {_status(run_dir)}); "
@@ -171,7 +178,7 @@ def load_base_model(
     run_dir = Path(run_dir)
     cfg = load_resolved_config(run_dir) if cfg is None else cfg
     cfg = guard_remote_code(cfg, run_dir, trust_remote_code)
-    base_dir = run_dir / "base_model"
+    base_dir = RunLayout(run_dir).base_model
     model_cfg = cfg.model
     if model_cfg.init == "pretrained":
         return build_model(model_cfg)
@@ -210,7 +217,7 @@ def load_run(
     """
     run_dir = check_run_dir(run_dir, allow_incomplete)
     cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
-    source = json.loads((run_dir / "base_model" / "source.json").read_text())
+    source = json.loads(RunLayout(run_dir).base_model_source.read_text())
     model = load_base_model(run_dir, cfg, trust_remote_code)
     try:
         inject_adapters(model, cfg.adapter)
@@ -226,12 +233,12 @@ def load_run(
                 "the base weight file was changed, or the hub model changed (pin model.revision)"
             )
     try:
-        load_adapter(model, run_dir / "adapter")  # checks the SHA-256 recorded when it was saved
+        load_adapter(model, RunLayout(run_dir).adapter)  # checks the SHA-256 recorded when it was saved
     except (ConfigError, IntegrityError) as e:
         raise RunLoadError(f"run dir {run_dir}: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(run_dir / "base_model" / "tokenizer"), trust_remote_code=bool(trust_remote_code)
+            str(RunLayout(run_dir).base_model / "tokenizer"), trust_remote_code=bool(trust_remote_code)
         )
     except ValueError as e:  # e.g. an ``auto_map`` tokenizer with remote code off
         raise RunLoadError(f"run dir {run_dir}: cannot read base_model/tokenizer: {e}") from e

@@ -20,14 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from mtlora.errors import ConfigError
 from mtlora.models.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r}: allowed values are {sorted(DTYPES)}")
-    return DTYPES[name]
+from mtlora.models.dtypes import torch_dtype
 
 
 def arch_config(model_cfg: DictConfig) -> Any:

@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from mtlora.report.tables import Run, build_summary  # noqa: E402
+from mtlora.report.aggregate import build_summary  # noqa: E402
+from mtlora.report.run_dirs import Run  # noqa: E402
 
 # --plot name -> (config path on the x axis, axis label, log base of the x axis or None for linear)
 CURVES = {
