@@ -39,6 +39,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.cli.entry import user_errors, with_default_overrides
+from mtlora.cli.help import exit_with_help
 from mtlora.errors import ConfigError
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
@@ -179,5 +180,6 @@ def _with_defaults(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    exit_with_help("count", sys.argv[1:])  # the same text as Hydra's, without composing
     sys.argv = _with_defaults(sys.argv)
     main()

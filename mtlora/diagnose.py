@@ -41,6 +41,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
+from mtlora.cli.help import exit_with_help
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
 from mtlora.run.layout import RunLayout
@@ -204,5 +205,6 @@ def with_defaults(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    exit_with_help("diagnose", sys.argv[1:])  # the same text as Hydra's, without composing
     sys.argv = with_defaults(sys.argv)
     main()

@@ -37,6 +37,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
+from mtlora.cli.help import exit_with_help
 from mtlora.errors import ConfigError
 from mtlora.eval.suites import SuiteContext, check_suites, output_names, run_suites, suite_names
 from mtlora.run.rundir import check_output_dir
@@ -190,6 +191,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict]:
 
 
 if __name__ == "__main__":
+    exit_with_help("evaluate", sys.argv[1:])  # the same text as Hydra's, without composing
     try:
         sys.argv, opts = split_argv(sys.argv)
     except ConfigError as e:

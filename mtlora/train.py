@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from mtlora.cli.entry import user_errors
 from mtlora.cli.errors import describe
+from mtlora.cli.help import exit_with_help
 from mtlora.errors import ConfigError
 from mtlora.run.meta import config_hash, record_resume, write_meta
 from mtlora.run.rundir import (
@@ -350,4 +352,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_with_help("train", sys.argv[1:])  # the same text as Hydra's, without composing
     main()
