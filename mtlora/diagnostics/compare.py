@@ -26,6 +26,19 @@ from mtlora.diagnostics.conflict import cosine_drop_pct
 from mtlora.diagnostics.diagnostic_plots import layer_order
 from mtlora.errors import ConfigError
 
+#: characters of a path that Hydra's override grammar reads as syntax unless the value is quoted
+_HYDRA_SYNTAX = set("=,[]{}()'\" $\\")
+
+
+def diagnose_command(run_dir: str | Path) -> str:
+    """The ``python -m mtlora.diagnose`` command for ``run_dir``, quoted for the shell and Hydra when the path
+    holds Hydra syntax (multirun job dirs are named ``<n>_<key>=<value>,...``)."""
+    s = str(run_dir)
+    if _HYDRA_SYNTAX.isdisjoint(s):
+        return f"python -m mtlora.diagnose run_dir={s}"
+    return f"python -m mtlora.diagnose \"run_dir='{s}'\""
+
+
 DELTA_W = "delta_w"
 
 
@@ -33,9 +46,7 @@ def last_records(run_dir: str | Path) -> dict[str, dict]:
     """``{diagnostic: its last record}`` of ``run_dir/metrics/diagnostics.jsonl``."""
     path = Path(run_dir) / "metrics" / "diagnostics.jsonl"
     if not path.exists():
-        raise ConfigError(
-            f"{path} does not exist: run the diagnostics first (python -m mtlora.diagnose run_dir={run_dir})"
-        )
+        raise ConfigError(f"{path} does not exist: run the diagnostics first ({diagnose_command(run_dir)})")
     out: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -155,4 +166,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from mtlora.cli.entry import run_main
+
+    sys.exit(run_main(main))
