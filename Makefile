@@ -43,7 +43,7 @@ install: $(STAMP) ## install mtlora and its runtime dependencies (CPU torch only
 
 install-dev: $(DEV_STAMP) ## install mtlora with the dev extras (tests, lint, peft, DeepSpeed, sweep plugins)
 
-train: $(STAMP) ## run the embedded default job (tiny model, synthetic tasks, CPU, ~2 min); ARGS="..." adds overrides
+train: $(STAMP) ## run the embedded default job (tiny model, synthetic tasks, CPU, about 100 s of CPU time); ARGS="..." adds overrides
 	$(PYTHON) -m mtlora.train $(ARGS)
 
 smoke: $(STAMP) ## a few steps of the default job (debug=smoke)
@@ -69,7 +69,7 @@ LORAHUB_TRAIN := eval.max_examples_per_task=64
 LORAHUB_COMPOSE :=
 endif
 
-lorahub: $(LORAHUB_INSTALL) ## LoraHub: train one LoRA per task, then compose them (MODEL=tiny, SMOKE=1: a CPU check in ~2 min; ARGS to both)
+lorahub: $(LORAHUB_INSTALL) ## LoraHub: train one LoRA per task, then compose them (MODEL=tiny, SMOKE=1: a CPU check, about 25 s of CPU time; ARGS to both)
 	$(PYTHON) -m mtlora.train -m model=$(MODEL) 'data.select=$(LORAHUB_SWEEP)' $(LORAHUB_TRAIN) \
 		'hydra.sweep.dir=$(LORAHUB_DIR)/library' 'hydra.sweep.subdir=$${hydra.job.num}_$${data.select.0}' $(ARGS)
 	$(PYTHON) -m mtlora.train model=$(MODEL) adapter=lorahub 'adapter.library_glob=$(LORAHUB_DIR)/library/*' \
