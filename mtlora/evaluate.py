@@ -153,6 +153,7 @@ def _evaluate(cfg: DictConfig, opts: dict) -> dict:
         log.info(
             "earlier results kept in %s", sorted({str(Path(*p.relative_to(out).parts[:2])) for p in kept})
         )
+    log.info("eval config:\n%s", OmegaConf.to_yaml(cfg.eval))  # after the model loaded: errors stay one line
     context = SuiteContext(cfg.eval, run_cfg, model, tokenizer, out, device=device, task_names=task_names)
     results = run_suites(suites, context)
     print(f"eval outputs written to {out}", flush=True)
@@ -167,7 +168,6 @@ def main(cfg: DictConfig) -> None:
     console_logging()
     run_dir = _OPTS.get("run_dir")
     with user_errors(cfg, model=(lambda: run_model(run_dir)) if run_dir else None):
-        log.info("eval config:\n%s", OmegaConf.to_yaml(cfg.eval))
         evaluate(cfg, _OPTS)
 
 
