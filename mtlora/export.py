@@ -74,6 +74,7 @@ from mtlora.adapters.multihead import MLoraLinear
 from mtlora.adapters.registry import ADAPTER_METHODS
 from mtlora.errors import ConfigError
 from mtlora.load import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
+from mtlora.run.checksums import read_json
 from mtlora.run.rundir import check_output_dir, load_resolved_config
 from mtlora.utils.logging import console_logging
 
@@ -223,7 +224,7 @@ def _write_info(out: Path, run_dir: Path, fmt: str, extra: dict | None = None) -
     info = {"format": fmt, "run_dir": str(run_dir.resolve()), **(extra or {})}
     source = run_dir / "base_model" / "source.json"
     if source.exists():
-        info["base_fingerprint_sha256"] = json.loads(source.read_text()).get("fingerprint_sha256")
+        info["base_fingerprint_sha256"] = read_json(source).get("fingerprint_sha256")
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -37,7 +37,6 @@ each forward (ids index ``task_names`` in ``adapter/adapter_config.json``). Plai
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from mtlora.adapters.state import ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError, IntegrityError
 from mtlora.models.loading import build_model, torch_dtype
 from mtlora.run.base_model import base_parameters, fingerprint
+from mtlora.run.checksums import read_json
 from mtlora.run.rundir import RESOLVED_CONFIG, load_resolved_config
 
 __all__ = [
@@ -106,7 +106,7 @@ def run_task_names(run_dir: str | Path) -> list[str] | None:
     """The run's training task names in task-id order, as saved in ``adapter/adapter_config.json`` (None
     when the run saved no adapter config or no names)."""
     path = Path(run_dir) / "adapter" / "adapter_config.json"
-    names = json.loads(path.read_text()).get("task_names") if path.exists() else None
+    names = read_json(path).get("task_names") if path.exists() else None
     return None if names is None else [str(n) for n in names]
 
 
@@ -210,7 +210,7 @@ def load_run(
     """
     run_dir = check_run_dir(run_dir, allow_incomplete)
     cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
-    source = json.loads((run_dir / "base_model" / "source.json").read_text())
+    source = read_json(run_dir / "base_model" / "source.json")
     model = load_base_model(run_dir, cfg, trust_remote_code)
     try:
         inject_adapters(model, cfg.adapter)
