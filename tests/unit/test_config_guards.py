@@ -115,6 +115,15 @@ def test_a_missing_cuda_device_is_an_error_not_a_cpu_run(tmp_path) -> None:
         evaluate(compose_train(["eval.suites=[heldin]"]), {"run_dir": str(tmp_path), "device": "cuda"})
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "CPU", ""])
+def test_a_device_that_is_not_cpu_or_cuda_is_named(device: str) -> None:
+    from mtlora.utils.dist import require_device
+
+    with pytest.raises(ConfigError, match=rf"device='{device}': must be cpu, cuda or cuda:N"):
+        require_device(device, key="device")
+    require_device("cpu", key="device")
+
+
 @pytest.mark.parametrize("alignment", ["kl", "mmd"])
 def test_an_alignment_loss_with_one_task_is_refused(alignment: str) -> None:
     over = [f"alignment={alignment}", "data.select=[arithmetic]", "train.micro_batch_size=2"]
