@@ -1,7 +1,8 @@
 """``python -m mtlora.evaluate``: run the evaluation suites of ``eval=`` on a finished run or a base model.
 
 Composes the same config as ``python -m mtlora.train`` (``conf/train.yaml``); only its ``eval`` group is
-used when a run dir is given (the model, adapter and data come from the run's ``config_resolved.yaml``).
+used when a run dir is given (the model, adapter and data come from the run's ``config_resolved.yaml``), so
+overrides of the other groups are refused then (:mod:`mtlora.config.command_line`).
 
 Usage::
 
