@@ -84,6 +84,7 @@ def test_a_second_launch_is_refused_before_it_touches_the_run_dir(tmp_path: Path
             assert (d / "config_resolved.yaml").read_bytes() == resolved
             assert sorted(x.name for x in d.iterdir() if x.name.startswith(".hydra")) == [".hydra"]
             assert "claimed by a live process" in r.stderr, r.stderr[-2000:]
+            assert "claimed by a live process" not in (d / "train.log").read_text()  # not in the run's log
         assert p.poll() is None  # the first run trains on
     finally:
         _kill_all(p, [])
