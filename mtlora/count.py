@@ -170,6 +170,9 @@ def format_table(res: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     with user_errors(cfg):
+        from mtlora.config.command_line import check_command_line
+
+        check_command_line(cfg, "mtlora.count", rules=("model.", "adapter."))
         print(format_table(count(cfg)), flush=True)
 
 

@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -44,6 +43,7 @@ from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.cli.help import exit_with_help
 from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
+from mtlora.run.checksums import read_json
 from mtlora.run.layout import RunLayout
 from mtlora.run.metrics import read_jsonl
 from mtlora.run.tracker import WANDB_ID_FILE, Tracker, tracker_accelerator, tracker_name
@@ -67,7 +67,7 @@ def final_step(run_dir: Path) -> int:
             return int(records[-1]["step"])
     meta = RunLayout(run_dir).meta
     if meta.exists():
-        return int(json.loads(meta.read_text()).get("total_steps") or 0)
+        return int(read_json(meta).get("total_steps") or 0)
     return 0
 
 
@@ -162,6 +162,11 @@ def main(cfg: DictConfig) -> None:
     run_dir = cfg.get("run_dir")
     given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     with user_errors(cfg, model=lambda: run_model(run_dir)):
+        from mtlora.config.command_line import check_command_line
+
+        why = "the run's config_resolved.yaml gives it"
+        uses = ("diagnostics", "logger", "paths")
+        check_command_line(cfg, "mtlora.diagnose", uses, ("diagnostics.",), own_keys=EXTRA_KEYS, why=why)
         if not run_dir:
             raise ConfigError(
                 "run_dir= is required: python -m mtlora.diagnose run_dir=<run dir> [diagnostics=full]"
@@ -188,7 +193,7 @@ def _flag(cfg: DictConfig, key: str) -> bool:
     v = cfg.get(key)
     if v is None or isinstance(v, bool):
         return bool(v)
-    raise SystemExit(f"error: {key}={v!r}: allowed values are true or false")
+    raise ConfigError(f"{key}={v!r}: allowed values are true or false")
 
 
 def _scalars(rec: dict) -> dict:

@@ -1,7 +1,8 @@
 """``python -m mtlora.evaluate``: run the evaluation suites of ``eval=`` on a finished run or a base model.
 
 Composes the same config as ``python -m mtlora.train`` (``conf/train.yaml``); only its ``eval`` group is
-used when a run dir is given (the model, adapter and data come from the run's ``config_resolved.yaml``).
+used when a run dir is given (the model, adapter and data come from the run's ``config_resolved.yaml``), so
+overrides of the other groups are refused then (:mod:`mtlora.config.command_line`).
 
 Usage::
 
@@ -168,6 +169,11 @@ def main(cfg: DictConfig) -> None:
     console_logging()
     run_dir = _OPTS.get("run_dir")
     with user_errors(cfg, model=(lambda: run_model(run_dir)) if run_dir else None):
+        from mtlora.config.command_line import check_command_line
+
+        why = "the run's config_resolved.yaml gives it"
+        uses, rules = (("eval", "paths"), ("eval.",)) if run_dir else (None, ("eval.", "model.", "data."))
+        check_command_line(cfg, "mtlora.evaluate", uses, rules, why=why)
         evaluate(cfg, _OPTS)
 
 
@@ -195,6 +201,9 @@ if __name__ == "__main__":
     try:
         sys.argv, opts = split_argv(sys.argv)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        from mtlora.cli.entry import EXIT_USER_ERROR, report
+
+        report(str(e))
+        raise SystemExit(EXIT_USER_ERROR) from None
     _OPTS.update(opts)
     main()

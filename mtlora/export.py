@@ -70,6 +70,7 @@ from mtlora.adapters import adapter_layers, find_targets, merge_adapters
 from mtlora.adapters.lora import lora_scaling
 from mtlora.adapters.registry import all_specs, get_spec, spec_of
 from mtlora.errors import ConfigError
+from mtlora.run.checksums import read_json
 from mtlora.run.rundir import check_output_dir, load_resolved_config
 from mtlora.trained_run import RunLoadError, check_run_dir, guard_remote_code, load_run, run_task_names
 from mtlora.utils.logging import console_logging
@@ -220,7 +221,7 @@ def _write_info(out: Path, run_dir: Path, fmt: str, extra: dict | None = None) -
     info = {"format": fmt, "run_dir": str(run_dir.resolve()), **(extra or {})}
     source = run_dir / "base_model" / "source.json"
     if source.exists():
-        info["base_fingerprint_sha256"] = json.loads(source.read_text()).get("fingerprint_sha256")
+        info["base_fingerprint_sha256"] = read_json(source).get("fingerprint_sha256")
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 

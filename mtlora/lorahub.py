@@ -50,6 +50,7 @@ from mtlora.adapters import adapter_layers, adapter_state_dict, save_adapter
 from mtlora.adapters.lora import LoraLinear
 from mtlora.adapters.state import ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError
+from mtlora.run.checksums import read_json
 from mtlora.run.rundir import load_resolved_config
 from mtlora.utils.io import atomic_write_text
 
@@ -395,7 +396,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
     model.to(device).eval()
     mine = fingerprint(base_parameters(model))
     for d in modules:
-        theirs = json.loads((Path(d) / "base_model" / "source.json").read_text()).get("fingerprint_sha256")
+        theirs = read_json(Path(d) / "base_model" / "source.json").get("fingerprint_sha256")
         if theirs and theirs != mine:
             raise ConfigError(
                 f"LoraHub library run {d}: base_model/source.json fingerprint_sha256={theirs} differs from "

@@ -45,6 +45,7 @@ from mtlora.run.rundir import (
     finish,
     is_run_dir,
     save_resolved_config,
+    settle_staged_log,
 )
 from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker, require_device
 from mtlora.utils.paths import CONFIG_PATH
@@ -186,12 +187,10 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> bool:
         return False
     completed = (run_dir / "COMPLETED").exists() and not (run_dir / "RUNNING").exists()
     meta = run_dir / "meta.json"
-    if completed and meta.exists():
-        try:
-            recorded = json.loads(meta.read_text()).get("config_hash")
-        except json.JSONDecodeError:
-            recorded = None
-        if recorded == config_hash(cfg):
+    if meta.exists():  # a damaged record is named here, before the run dir is claimed
+        from mtlora.run.checksums import read_json
+
+        if completed and read_json(meta).get("config_hash") == config_hash(cfg):
             return True
     ckpt = resolve_resume(resume, run_dir)
     if ckpt is not None:
@@ -211,13 +210,15 @@ def settle_hydra_output(run_dir: Path) -> None:
     a launch that is refused never replaces the ``.hydra/`` record of the run it found there."""
     if not HydraConfig.initialized():
         return
+    owner = claim_id(run_dir) is not None or not is_run_dir(run_dir)
+    settle_staged_log(owner)  # and the job log (train.log)
     sub = HydraConfig.get().output_subdir
     if not sub or STAGED_SUFFIX not in str(sub):
         return
     staged = run_dir / str(sub)
     if not staged.is_dir():
         return
-    if claim_id(run_dir) is None and is_run_dir(run_dir):
+    if not owner:
         shutil.rmtree(staged, ignore_errors=True)
         return
     final = run_dir / str(sub).split(STAGED_SUFFIX)[0]

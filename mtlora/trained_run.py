@@ -37,7 +37,6 @@ each forward (ids index ``task_names`` in ``adapter/adapter_config.json``). Plai
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from mtlora.adapters.state import ADAPTER_WEIGHTS
 from mtlora.errors import ConfigError, IntegrityError
 from mtlora.models.factory import build_model, torch_dtype
 from mtlora.run.base_model import base_parameters, fingerprint
+from mtlora.run.checksums import read_json
 from mtlora.run.layout import RunLayout
 from mtlora.run.rundir import MARKERS, RESOLVED_CONFIG, load_resolved_config
 
@@ -107,7 +107,7 @@ def run_task_names(run_dir: str | Path) -> list[str] | None:
     """The run's training task names in task-id order, as saved in ``adapter/adapter_config.json`` (None
     when the run saved no adapter config or no names)."""
     path = RunLayout(run_dir).adapter_config
-    names = json.loads(path.read_text()).get("task_names") if path.exists() else None
+    names = read_json(path).get("task_names") if path.exists() else None
     return None if names is None else [str(n) for n in names]
 
 
@@ -217,7 +217,7 @@ def load_run(
     """
     run_dir = check_run_dir(run_dir, allow_incomplete)
     cfg = guard_remote_code(load_resolved_config(run_dir), run_dir, trust_remote_code)
-    source = json.loads(RunLayout(run_dir).base_model_source.read_text())
+    source = read_json(RunLayout(run_dir).base_model_source)
     model = load_base_model(run_dir, cfg, trust_remote_code)
     try:
         inject_adapters(model, cfg.adapter)

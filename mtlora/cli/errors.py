@@ -20,6 +20,7 @@ PROJECT_ERRORS = frozenset(
     {
         ("mtlora.errors", "ConfigError"),
         ("mtlora.errors", "DataError"),
+        ("mtlora.errors", "IntegrityError"),
         ("mtlora.trained_run", "RunLoadError"),
         ("mtlora.export", "ExportError"),
         ("mtlora.run.rundir", "RunDirBusy"),

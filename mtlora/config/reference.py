@@ -11,6 +11,8 @@ that suite); ``+KEY=VALUE`` on a key no chosen preset defines is."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import cache
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,10 +20,24 @@ from omegaconf import DictConfig, OmegaConf
 from mtlora.utils.resolvers import REPO_ROOT
 
 #: groups whose keys the project defines: unknown keys there are refused
-OWNED_GROUPS = ("adapter", "alignment", "eval", "train", "hardware", "model", "diagnostics", "logger")
-#: sub-trees passed on as keyword arguments (to ``AutoConfig``, the optimizer, the scheduler): any key goes
-#: (the optimizer and scheduler are built once before the run dir is claimed, which checks them)
-OPEN_KEYS = ("model.arch", "train.optimizer", "train.scheduler")
+OWNED_GROUPS = ("adapter", "alignment", "eval", "train", "hardware", "model", "diagnostics", "logger", "data")
+#: sub-trees passed on as keyword arguments (to ``AutoConfig``, the optimizer, the scheduler, a data source)
+#: or keyed by the user (sampling weights per task), and optional keys no preset sets (``+data.packing``):
+#: any key goes (the optimizer and scheduler are built once before the run dir is claimed, which checks them)
+OPEN_KEYS = (
+    "model.arch",
+    "train.optimizer",
+    "train.scheduler",
+    "data.source.load_kwargs",
+    "data.source.data_files",
+    "data.tasks.*.source.load_kwargs",
+    "data.tasks.*.source.data_files",
+    "data.tasks.*.fields",
+    "data.tasks.*.filter",
+    "data.sampling.weights",
+    "data.packing",
+    "data.pack_tokens",
+)
 _MISSING = object()
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -103,7 +119,31 @@ def _keys(node: Any, prefix: str) -> list[str]:
 
 
 def _open(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in OPEN_KEYS)
+    return any(fnmatchcase(key, k) or fnmatchcase(key, k + ".*") for k in OPEN_KEYS)
+
+
+@cache
+def task_keys() -> frozenset[str]:
+    """The keys of a data task (``data.tasks.<name>.<key>``) that some task preset (``conf/data/task``)
+    defines: known for every task (a JSON task may take a Flan template's keys)."""
+    out: set[str] = set()
+    for path in (CONF_DIR / "data" / "task").glob("*.yaml"):
+        out.update(_keys(OmegaConf.load(path), ""))
+    return frozenset(out)
+
+
+def _task_key(key: str, reference: DictConfig) -> bool:
+    """``data.tasks.<name>.<key>`` of a task the reference holds, or ``data.source.<key>`` (a source shared
+    by the mixture's tasks), with a key of :func:`task_keys`."""
+    parts = key.split(".", 3)
+    if parts[:2] == ["data", "source"]:
+        return _select(reference, "data.source") is not _MISSING and key[len("data.") :] in task_keys()
+    return (
+        len(parts) == 4
+        and parts[:2] == ["data", "tasks"]
+        and _select(reference, f"data.tasks.{parts[2]}") is not _MISSING
+        and parts[3] in task_keys()
+    )
 
 
 def unknown_keys(cfg: DictConfig, reference: DictConfig, forced: tuple[str, ...] = ()) -> list[str]:
@@ -122,6 +162,8 @@ def unknown_keys(cfg: DictConfig, reference: DictConfig, forced: tuple[str, ...]
             continue
         for key in _keys(cfg._get_node(group), group):
             if _open(key) or is_forced(key) or _select(reference, key) is not _MISSING:
+                continue
+            if _task_key(key, reference):
                 continue
             if any(key.startswith(r + ".") for r in reported):
                 continue  # reported at its parent

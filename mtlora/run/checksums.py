@@ -4,18 +4,30 @@ Every directory of saved weights (``adapter/``, ``checkpoints/step_N/``) gets a 
 (``{"sha256": {relative path: hex digest}}``), written after its files (atomically). :func:`verify` checks
 each listed file and raises :class:`~mtlora.errors.IntegrityError` naming the first one that is missing or
 differs; directories written before checksums were recorded (no ``checksums.json``) are checked for what
-can be parsed only (:func:`check_parseable`)."""
+can be parsed only (:func:`check_parseable`), with a warning that says so."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 from mtlora.errors import IntegrityError
 from mtlora.utils.io import atomic_write_text
 
 MANIFEST = "checksums.json"
+log = logging.getLogger(__name__)
+
+
+def read_json(path: Path) -> Any:
+    """The content of a JSON file the runner saved (``meta.json``, ``source.json``, ...); raises
+    :class:`IntegrityError` naming the file when it cannot be read or parsed (truncated, torn, edited)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise IntegrityError(f"{path} is damaged (cannot be parsed as JSON: {e})") from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -57,7 +69,14 @@ def verify(directory: Path) -> None:
     :class:`IntegrityError` naming the damaged file."""
     directory = Path(directory)
     manifest = directory / MANIFEST
-    if manifest.is_file():
+    if not manifest.is_file():
+        log.warning(
+            "%s has no %s (saved before checksums were recorded): its files are checked for parsing only, "
+            "so damaged weight bytes would go unnoticed",
+            directory,
+            MANIFEST,
+        )
+    else:
         try:
             sums = json.loads(manifest.read_text())["sha256"]
         except (ValueError, KeyError, TypeError) as e:

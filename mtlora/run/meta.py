@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlora.run.checksums import read_json
 from mtlora.utils.io import atomic_write_text
 from mtlora.utils.resolvers import REPO_ROOT
 
@@ -88,7 +89,7 @@ def record_resume(run_dir: Path, cfg: DictConfig) -> None:
     path = run_dir / "meta.json"
     if not path.exists():
         return
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     info = _launch_info(cfg)
     meta.setdefault("resumes", []).append(info)
     meta["config_hash"] = info["config_hash"]
@@ -98,7 +99,7 @@ def record_resume(run_dir: Path, cfg: DictConfig) -> None:
 def write_meta(run_dir: Path, cfg: DictConfig, **extra: Any) -> dict:
     """Write ``meta.json`` (merged into an existing one, so workers can add parameter counts later)."""
     path = run_dir / "meta.json"
-    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta = read_json(path) if path.exists() else {}
     if not meta:
         status = _git("status", "--porcelain")
         info = _launch_info(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -218,6 +219,30 @@ def finish(run_dir: Path, ok: bool, message: str = "") -> None:
     release_claim(run_dir)
 
 
+def settle_staged_log(owner: bool) -> None:
+    """Hydra's job log is staged as ``<name>.log.pending-<pid>`` (conf/hydra/default.yaml): when the launch
+    owns its run dir (``owner``), append what was logged so far to ``<name>.log`` and log there from now on;
+    else drop it, so that a refused launch never appends to the log of the run it found there."""
+    from mtlora.utils.resolvers import STAGED_SUFFIX
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or STAGED_SUFFIX not in handler.baseFilename:
+            continue
+        staged = Path(handler.baseFilename)
+        handler.acquire()
+        try:
+            handler.close()  # flushed; the next record reopens baseFilename (append mode)
+            if owner and staged.exists():
+                with open(staged.with_name(staged.name.split(STAGED_SUFFIX)[0]), "ab") as f:
+                    f.write(staged.read_bytes())
+            handler.baseFilename = str(staged.with_name(staged.name.split(STAGED_SUFFIX)[0]))
+            if not owner:
+                handler.baseFilename = os.devnull
+            staged.unlink(missing_ok=True)
+        finally:
+            handler.release()
+
+
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     path = run_dir / RESOLVED_CONFIG
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
@@ -228,4 +253,16 @@ def load_resolved_config(run_dir: Path) -> DictConfig:
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a mtlora run dir?")
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's ScannerError / ParserError, UnicodeDecodeError
+        from mtlora.errors import IntegrityError
+
+        raise IntegrityError(
+            f"{path} is damaged (cannot be parsed as YAML: {' '.join(str(e).split())})"
+        ) from e
+    if not isinstance(cfg, DictConfig):
+        from mtlora.errors import IntegrityError
+
+        raise IntegrityError(f"{path} is damaged (not a mapping of config groups)")
+    return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -48,6 +49,8 @@ def require_device(device: str, key: str = "hardware.device", processes: int = 1
 
     from mtlora.errors import ConfigError
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ConfigError(f"{key}={device!r}: must be cpu, cuda or cuda:N")
     if not str(device).startswith("cuda"):
         return
     if not torch.cuda.is_available():

@@ -24,9 +24,15 @@ def _rank_subdir(name: str = ".hydra") -> str:
 STAGED_SUFFIX = ".pending-"
 
 
-def _staged_subdir(name: str = ".hydra") -> str:
-    rank = env_rank()
-    return f"{name}{STAGED_SUFFIX}{os.getpid()}" if rank == 0 else f"{name}_rank{rank}"
+def _staged_subdir(name: str = ".hydra") -> str | None:
+    # other ranks of a direct `accelerate launch` write no Hydra record: they cannot know whether their
+    # launch owns the run dir (rank 0 claims it), and rank 0's record holds the same overrides
+    return f"{name}{STAGED_SUFFIX}{os.getpid()}" if env_rank() == 0 else None
+
+
+def _staged_log(path: str) -> str:
+    # the job log: staged like the Hydra record (mtlora.run.rundir.settle_staged_log), none for other ranks
+    return f"{path}{STAGED_SUFFIX}{os.getpid()}" if env_rank() == 0 else os.devnull
 
 
 def _rank_suffix() -> str:
@@ -48,6 +54,7 @@ def register_resolvers() -> None:
         "mtlora.pid": lambda: str(os.getpid()),
         "mtlora.rank_subdir": _rank_subdir,
         "mtlora.staged_subdir": _staged_subdir,
+        "mtlora.staged_log": _staged_log,
         "mtlora.rank_suffix": _rank_suffix,
         "mtlora.num_tasks": _num_tasks,
     }

@@ -84,6 +84,7 @@ def test_a_second_launch_is_refused_before_it_touches_the_run_dir(tmp_path: Path
             assert (d / "config_resolved.yaml").read_bytes() == resolved
             assert sorted(x.name for x in d.iterdir() if x.name.startswith(".hydra")) == [".hydra"]
             assert "claimed by a live process" in r.stderr, r.stderr[-2000:]
+            assert "claimed by a live process" not in (d / "train.log").read_text()  # not in the run's log
         assert p.poll() is None  # the first run trains on
     finally:
         _kill_all(p, [])
@@ -126,3 +127,26 @@ def test_a_run_dir_stays_claimed_while_a_worker_lives(tmp_path: Path) -> None:
         assert steps == sorted(set(steps))  # one writer: no duplicated or reordered records
     finally:
         _kill_all(p, workers)
+
+
+def test_a_refused_launch_leaves_the_log_of_the_run_it_found_alone(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "COMPLETED").write_text("done\n")
+    (d / "train.log").write_text("the earlier run's log\n")
+    r = run_cli([f"hydra.run.dir={d}", *FAST, "train.max_steps=1"], timeout=300)
+    assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr[-2000:]
+    assert (d / "train.log").read_text() == "the earlier run's log\n"
+    assert sorted(x.name for x in d.iterdir()) == [".lock", "COMPLETED", "train.log"]  # nothing staged left
+
+
+def test_other_ranks_of_a_direct_launch_write_no_hydra_record_or_log(monkeypatch) -> None:
+    """Ranks > 0 cannot know whether their launch owns the run dir (rank 0 claims it), so they write nothing
+    through Hydra there; rank 0 stages both until it owns it."""
+    from mtlora.utils.resolvers import _staged_log, _staged_subdir
+
+    monkeypatch.setenv("RANK", "1")
+    assert _staged_subdir() is None and _staged_log("/x/train.log") == os.devnull
+    monkeypatch.setenv("RANK", "0")
+    assert _staged_subdir() == f".hydra.pending-{os.getpid()}"
+    assert _staged_log("/x/train.log") == f"/x/train.log.pending-{os.getpid()}"

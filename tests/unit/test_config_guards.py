@@ -66,7 +66,16 @@ def test_every_boolean_key_refuses_a_value_that_is_not_a_boolean() -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["+train.lr=1e-9", "+adapter.rnak=4", "+alignment.wieght=0.5", "+eval.max_exmaples=3", "+lr=1e-9"],
+    [
+        "+train.lr=1e-9",
+        "+adapter.rnak=4",
+        "+alignment.wieght=0.5",
+        "+eval.max_exmaples=3",
+        "+lr=1e-9",
+        "+data.shufle=false",
+        "+data.tasks.arithmetic.eval.fracton=0.5",
+        "+data.tasks.arithmetic.source.num_exmaples=9",
+    ],
 )
 def test_keys_no_chosen_preset_defines_are_refused(override: str) -> None:
     key = override[1:].split("=")[0]
@@ -81,6 +90,11 @@ def test_known_keys_come_from_the_chosen_presets() -> None:
     preflight(compose_train(["+train.optimizer.amsgrad=true", "++eval.bbh.limit=1"]))
     with pytest.raises(ConfigError, match=r"adapter.blc_alpha: unknown key"):
         preflight(compose_train(["adapter=lora", "+adapter.blc_alpha=0.1"]))
+    # data: keys of some task preset, source keywords, per-task weights and the optional packing keys
+    weights = "+data.sampling.weights={arithmetic:3,word_sorting:1,boolean_expressions:1,counting:1}"
+    preflight(compose_train(["data.sampling.strategy=weights", weights]))
+    preflight(compose_train(["+data.tasks.arithmetic.template.optional_fields=[a]", "+data.packing=false"]))
+    preflight(compose_train(["data=dolly", "data.source.type=json", "+data.source.data_files=rows.jsonl"]))
 
 
 def test_a_target_module_entry_that_matches_nothing_is_refused_by_name() -> None:
@@ -99,6 +113,15 @@ def test_a_missing_cuda_device_is_an_error_not_a_cpu_run(tmp_path) -> None:
         run_training(cfg, tmp_path)  # also when the run starts without the command line's checks
     with pytest.raises(ConfigError, match="device=cuda: no CUDA device"):
         evaluate(compose_train(["eval.suites=[heldin]"]), {"run_dir": str(tmp_path), "device": "cuda"})
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "CPU", ""])
+def test_a_device_that_is_not_cpu_or_cuda_is_named(device: str) -> None:
+    from mtlora.utils.dist import require_device
+
+    with pytest.raises(ConfigError, match=rf"device='{device}': must be cpu, cuda or cuda:N"):
+        require_device(device, key="device")
+    require_device("cpu", key="device")
 
 
 @pytest.mark.parametrize("alignment", ["kl", "mmd"])
