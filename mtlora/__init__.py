@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mtlora.errors import ConfigError, DataError
+from mtlora.utils.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["ConfigError", "DataError", "__version__", "load_run"]
 
 

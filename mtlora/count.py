@@ -38,22 +38,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mtlora.cli.entry import user_errors, with_default_overrides
+from mtlora.cli.entry import NO_OUTPUT_OVERRIDES, user_errors, with_default_overrides
 from mtlora.cli.help import exit_with_help
 from mtlora.errors import ConfigError
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import register_resolvers
 
 register_resolvers()
-
-# Applied unless given on the command line: counting writes nothing (Hydra would otherwise create the run
-# dir of conf/hydra/default.yaml with `.hydra/` and a log file in it).
-NO_OUTPUT_OVERRIDES = {
-    "hydra.run.dir": ".",
-    "hydra.output_subdir": "null",
-    "hydra/job_logging": "none",
-    "hydra/hydra_logging": "none",
-}
 
 
 def count(cfg: DictConfig) -> dict[str, Any]:

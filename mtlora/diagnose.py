@@ -39,9 +39,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtlora.cli.entry import run_model, user_errors, with_default_overrides
+from mtlora.cli.entry import NO_OUTPUT_OVERRIDES, run_model, user_errors, with_default_overrides
 from mtlora.cli.help import exit_with_help
-from mtlora.count import NO_OUTPUT_OVERRIDES
 from mtlora.errors import ConfigError
 from mtlora.run.checksums import read_json
 from mtlora.run.layout import RunLayout
@@ -202,7 +201,7 @@ def _scalars(rec: dict) -> dict:
 
 def with_defaults(argv: list[str]) -> list[str]:
     """``argv`` with ``run_dir=``/``device=``/``allow_incomplete=`` as ``+`` additions, ``diagnostics=default``
-    unless a ``diagnostics=`` choice is given, and :data:`mtlora.count.NO_OUTPUT_OVERRIDES` for the keys it
+    unless a ``diagnostics=`` choice is given, and :data:`mtlora.cli.entry.NO_OUTPUT_OVERRIDES` for the keys it
     does not set itself."""
     args = [f"+{a}" if a.split("=", 1)[0] in EXTRA_KEYS else a for a in argv[1:]]
     defaults = {**NO_OUTPUT_OVERRIDES, "hydra/help": "diagnose", "diagnostics": "default"}

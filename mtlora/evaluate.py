@@ -37,6 +37,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtlora.cli.entry import NO_OUTPUT_OVERRIDES as READ_ONLY_OVERRIDES
 from mtlora.cli.entry import run_model, user_errors, with_default_overrides
 from mtlora.cli.help import exit_with_help
 from mtlora.errors import ConfigError
@@ -51,14 +52,8 @@ log = logging.getLogger("mtlora.evaluate")
 
 #: the suites ``eval.suites`` may list (the built-in ones of :mod:`mtlora.eval.suites`)
 SUITES = suite_names()
-#: see mtlora.count: evaluating writes no Hydra output
-NO_OUTPUT_OVERRIDES = {
-    "hydra.run.dir": ".",
-    "hydra.output_subdir": "null",
-    "hydra/job_logging": "none",
-    "hydra/hydra_logging": "none",
-    "hydra/help": "evaluate",  # conf/hydra/help/evaluate.yaml: this command's options
-}
+#: evaluating writes no Hydra output; conf/hydra/help/evaluate.yaml is this command's help
+NO_OUTPUT_OVERRIDES = {**READ_ONLY_OVERRIDES, "hydra/help": "evaluate"}
 #: our own options, taken off the command line before Hydra sees it
 OWN_KEYS = ("run_dir", "out", "allow_incomplete", "device", "trust_remote_code")
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

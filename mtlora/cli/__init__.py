@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] == "help":  # `mtlora help train` = `mtlora train --help`
         args = [args[1], "--help"]
     if args[0] in ("-V", "--version"):
-        from mtlora import __version__
+        from mtlora.utils.version import __version__
 
         print(f"mtlora {__version__}")
         return 0

@@ -29,6 +29,17 @@ EXIT_USER_ERROR = 2
 log = logging.getLogger("mtlora")
 
 
+#: applied by the commands that only read (count, evaluate, diagnose) unless given on the command line: they
+#: write no Hydra output (Hydra would otherwise create the run dir of conf/hydra/default.yaml with `.hydra/`
+#: and a log file in it)
+NO_OUTPUT_OVERRIDES = {
+    "hydra.run.dir": ".",
+    "hydra.output_subdir": "null",
+    "hydra/job_logging": "none",
+    "hydra/hydra_logging": "none",
+}
+
+
 def full_error() -> bool:
     """``HYDRA_FULL_ERROR=1``: show the traceback (Hydra's own switch)."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"

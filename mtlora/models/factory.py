@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from mtlora.errors import ConfigError
 from mtlora.models.byte_tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
 from mtlora.models.dtypes import torch_dtype
+from mtlora.utils.params import param_numel
 
 
 def arch_config(model_cfg: DictConfig) -> Any:
@@ -74,12 +75,6 @@ def meta_model(model_cfg: DictConfig) -> PreTrainedModel:
     config = arch_config(model_cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation)
-
-
-def param_numel(p: torch.Tensor) -> int:
-    """The full size of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (``p.numel()`` is then 0
-    and ``p.ds_numel`` the whole tensor's size)."""
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, float]:

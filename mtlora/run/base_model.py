@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from mtlora.models.factory import param_numel
 from mtlora.utils.io import atomic_write, atomic_write_text
+from mtlora.utils.params import param_numel
 
 MAX_SAVED_PARAMS = 100_000_000
 
