@@ -276,7 +276,7 @@ def fewshot_batches(data, rows: dict[str, list[int]], batch_size: int, device) -
 @torch.no_grad()
 def fewshot_ce(model: torch.nn.Module, batches: Sequence[dict]) -> float:
     """Mean cross-entropy per answer token over all ``batches`` (tokens pooled), in eval mode."""
-    from mtlora.training.loss import token_cross_entropy
+    from mtlora.losses.causal_lm import token_cross_entropy
 
     was_training = model.training
     model.eval()

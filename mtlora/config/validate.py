@@ -26,12 +26,12 @@ from mtlora.data.packing import packing_conflicts
 from mtlora.data.sources import SOURCE_TYPES
 from mtlora.diagnostics.config import check_diagnostics_config, check_diagnostics_hardware
 from mtlora.errors import ConfigError
+from mtlora.losses.causal_lm import LOSS_IMPLS
 from mtlora.models.loading import DTYPES
 from mtlora.run.schedule import valid_every
 from mtlora.run.tracker import tracker_name
 from mtlora.training.alignment import GROUPINGS, WEIGHTINGS, AlignmentTerm, check_alignment_rows
 from mtlora.training.compile import compile_settings
-from mtlora.training.loss import LOSS_IMPLS
 from mtlora.training.meta import MetaLearner
 
 ALIGNMENTS = ("none", "kl", "mmd")
@@ -554,7 +554,7 @@ def validate_config(cfg: DictConfig, reference: Reference | None = None) -> None
         else:
             if settings is not None and (cfg.hardware.get("deepspeed") or {}).get("stage") == 3:
                 c.errors.append("train.compile.enabled: not supported under ZeRO-3 (partitioned parameters)")
-    if c.get("train.loss") is not _MISSING:  # memory-lean loss (mtlora.training.loss)
+    if c.get("train.loss") is not _MISSING:  # memory-lean loss (mtlora.losses.causal_lm)
         c.choice("train.loss.impl", LOSS_IMPLS)
         c.int_("train.loss.chunk_tokens", 1)
     if c.get("data.packing") not in (_MISSING, None):  # optional keys (mtlora.data.packing)

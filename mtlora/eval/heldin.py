@@ -13,7 +13,7 @@ import torch
 
 from mtlora.data.build import MultiTaskData
 from mtlora.data.collate import collate
-from mtlora.training.loss import token_cross_entropy
+from mtlora.losses.causal_lm import token_cross_entropy
 
 METRICS = ("loss", "token_acc", "exact_match")
 

@@ -35,6 +35,7 @@ from mtlora.eval.bbh_suite import run_bbh
 from mtlora.eval.bbh_suite import summary_line as bbh_summary_line
 from mtlora.eval.heldin import evaluate_heldin
 from mtlora.eval.outputs import HELDIN_COLUMNS, write_heldin
+from mtlora.losses.causal_lm import causal_lm_loss
 from mtlora.models import build_model, build_tokenizer, count_parameters
 from mtlora.run.base_model import MAX_SAVED_PARAMS, save_base_model
 from mtlora.run.meta import write_meta
@@ -59,7 +60,6 @@ from mtlora.training.deepspeed import (
     zero3_gathered,
     zero_stage,
 )
-from mtlora.training.loss import causal_lm_loss
 from mtlora.training.meta import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
 from mtlora.utils.dist import launched_as_worker, require_device
@@ -235,7 +235,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, acc: Accelerator) -> dict:
     diag = DiagnosticsRunner.for_training(cfg, inner, data, run_dir, tracker, acc.is_main_process, step)
     ga = int(cfg.train.gradient_accumulation_steps)
     steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / ga))
-    loss_cfg = cfg.train.get("loss") or {}  # train.loss.impl: full | chunked (mtlora.training.loss)
+    loss_cfg = cfg.train.get("loss") or {}  # train.loss.impl: full | chunked (mtlora.losses.causal_lm)
     loss_impl, loss_chunk = loss_cfg.get("impl", "full"), int(loss_cfg.get("chunk_tokens") or 4096)
     batches = stream.iterate(epoch, batch)
     ckpt_every = resolve_every(cfg.train.checkpoint_every, steps, "train.checkpoint_every")
