@@ -377,7 +377,7 @@ def compose_run(cfg: DictConfig, run_dir: Path) -> dict:
     from mtlora.eval.outputs import write_heldin
     from mtlora.models import count_parameters
     from mtlora.run.base_model import base_parameters, fingerprint, save_base_model
-    from mtlora.run.meta import write_meta
+    from mtlora.run.manifest import write_meta
     from mtlora.run.metrics import JsonlLog, write_csv
     from mtlora.run.tracker import start_tracker
     from mtlora.training.loop import build_model_and_data, generation_suites_at_end

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from mtlora.cli.entry import user_errors
 from mtlora.cli.errors import describe
 from mtlora.errors import ConfigError
-from mtlora.run.meta import config_hash, record_resume, write_meta
+from mtlora.run.manifest import config_hash, record_resume, write_meta
 from mtlora.run.rundir import (
     MARKERS,
     RESOLVED_CONFIG,

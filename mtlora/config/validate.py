@@ -30,9 +30,9 @@ from mtlora.losses.causal_lm import LOSS_IMPLS
 from mtlora.models.loading import DTYPES
 from mtlora.run.schedule import valid_every
 from mtlora.run.tracker import tracker_name
-from mtlora.training.alignment import GROUPINGS, WEIGHTINGS, AlignmentTerm, check_alignment_rows
+from mtlora.training.alignment_window import GROUPINGS, WEIGHTINGS, AlignmentTerm, check_alignment_rows
 from mtlora.training.compile import compile_settings
-from mtlora.training.meta import MetaLearner
+from mtlora.training.meta_lora import MetaLearner
 
 ALIGNMENTS = ("none", "kl", "mmd")
 EVAL_SUITES = ("heldin", "bbh", "heldin_gen", "mmlu")

@@ -38,14 +38,14 @@ from mtlora.eval.outputs import HELDIN_COLUMNS, write_heldin
 from mtlora.losses.causal_lm import causal_lm_loss
 from mtlora.models import build_model, build_tokenizer, count_parameters
 from mtlora.run.base_model import MAX_SAVED_PARAMS, save_base_model
-from mtlora.run.meta import write_meta
+from mtlora.run.loss_plot import plot_loss
+from mtlora.run.manifest import write_meta
 from mtlora.run.metrics import JsonlLog, heldin_line, markdown_table, train_csv_rows, train_line, write_csv
-from mtlora.run.plots import plot_loss
 from mtlora.run.progress import ProgressBar
 from mtlora.run.rundir import WriterLock
 from mtlora.run.schedule import resolve_every, schedule_line
 from mtlora.run.tracker import Tracker, accelerator_tracking_kwargs, heldin_values, start_tracker
-from mtlora.training.alignment import AlignmentTerm
+from mtlora.training.alignment_window import AlignmentTerm
 from mtlora.training.checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from mtlora.training.compile import compile_decoder_layers, eager_layers
 from mtlora.training.deepspeed import (
@@ -60,7 +60,7 @@ from mtlora.training.deepspeed import (
     zero3_gathered,
     zero_stage,
 )
-from mtlora.training.meta import MetaLearner, average_grads_across_processes
+from mtlora.training.meta_lora import MetaLearner, average_grads_across_processes
 from mtlora.training.watchdog import LossWatchdog
 from mtlora.utils.dist import launched_as_worker, require_device
 
