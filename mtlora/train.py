@@ -2,7 +2,7 @@
 
 * single process (``hardware.launcher=none``): trains in this process;
 * ``hardware.launcher=accelerate``: saves the resolved config and starts ``accelerate launch`` workers
-  (:mod:`mtlora.launch`) that read it;
+  (:mod:`mtlora.launcher.launch`) that read it;
 * direct ``accelerate launch -m mtlora.train hydra.run.dir=DIR ...``: every rank runs this entry; an
   explicit ``hydra.run.dir`` is required so that all ranks agree on the run dir, and rank 0 alone writes
   markers, config and meta.
@@ -83,8 +83,8 @@ def preflight(cfg: DictConfig) -> None:
 
 
 def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
-    """:func:`mtlora.launch.spawn_workers`, imported on first use (it loads torch)."""
-    from mtlora.launch import spawn_workers as spawn
+    """:func:`mtlora.launcher.launch.spawn_workers`, imported on first use (it loads torch)."""
+    from mtlora.launcher.launch import spawn_workers as spawn
 
     return spawn(cfg, run_dir)
 

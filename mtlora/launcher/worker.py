@@ -1,4 +1,4 @@
-"""Worker entry started by ``accelerate launch``: ``python -m mtlora.worker <run_dir>``.
+"""Worker entry started by ``accelerate launch``: ``python -m mtlora.launcher.worker <run_dir>``.
 
 Reads the config the Hydra process saved in ``<run_dir>`` and trains; markers stay with the parent.
 """
@@ -17,7 +17,7 @@ from mtlora.utils.logging import setup_logging
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m mtlora.worker <run_dir>")
+        raise SystemExit("usage: python -m mtlora.launcher.worker <run_dir>")
     exit_on_sigterm()
     run_dir = Path(argv[0])
     cfg = load_resolved_config(run_dir)
