@@ -33,6 +33,8 @@ from omegaconf import DictConfig, open_dict, read_write
 from mtlora.cli.entry import user_errors
 from mtlora.cli.errors import describe
 from mtlora.errors import ConfigError
+from mtlora.procedures import procedure_for
+from mtlora.run.layout import RunLayout
 from mtlora.run.manifest import config_hash, record_resume, write_meta
 from mtlora.run.rundir import (
     MARKERS,
@@ -48,7 +50,7 @@ from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker, req
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import STAGED_SUFFIX, register_resolvers
 
-# torch, transformers and the training code are imported where they are used, so that `--help` and
+# torch, transformers and the procedures' code are imported where they are used, so that `--help` and
 # `--cfg job` answer without loading them.
 
 register_resolvers()
@@ -76,10 +78,7 @@ def preflight(cfg: DictConfig) -> None:
         from mtlora.eval.mmlu import mmlu_dir
 
         mmlu_dir(cfg.eval.mmlu.get("data_dir"))
-    if cfg.adapter.get("method") == "lorahub":  # composition, not training: check the library up front
-        from mtlora.lorahub import preflight_lorahub
-
-        preflight_lorahub(cfg)
+    procedure_for(cfg).check(cfg)  # the procedure's own checks (lorahub: its library, before any weights)
 
 
 def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
@@ -105,8 +104,9 @@ def _result(run_dir: Path, metric: str | None = None) -> float | None:
     looked up under ``macro`` (``heldin/exact_match`` = macro exact match); a dict at the end gives its
     ``accuracy`` / ``exact_match`` / ``score`` (``bbh/macro`` = macro accuracy). None when absent."""
     suite, *keys = (metric or DEFAULT_METRIC).split("/")
-    mdir = run_dir / "metrics"
-    files = [mdir / f"eval_{suite}.json"] if (mdir / f"eval_{suite}.json").exists() else []
+    layout = RunLayout(run_dir)
+    mdir = layout.metrics
+    files = [layout.suite(suite)] if layout.suite(suite).exists() else []
     files = files or sorted(mdir.glob(f"eval_{suite}_*.json"))
     if len(files) != 1:
         return None
@@ -274,20 +274,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
         print(f"{run_dir} is already COMPLETED with this config; nothing to resume", flush=True)
         return _result(run_dir, cfg.get("optimized_metric"))
+    procedure = procedure_for(cfg)  # finetune, or the procedure of cfg.adapter.method (lorahub)
     start_run(cfg, run_dir)
     try:
-        if cfg.adapter.get("method") == "lorahub":  # gradient-free composition of trained LoRAs
-            from mtlora.lorahub import compose_run
-
-            compose_run(cfg, run_dir)
-        elif cfg.hardware.launcher == "accelerate":
+        if procedure.workers and cfg.hardware.launcher == "accelerate":
             code = spawn_workers(cfg, run_dir)
             if code != 0:
                 raise RuntimeError(f"training workers exited with code {code}; see {run_dir}/train*.log")
         else:
-            from mtlora.training.loop import run_training
-
-            run_training(cfg, run_dir)
+            procedure.run(cfg, run_dir)
     except BaseException as e:
         finish(run_dir, ok=False, message=repr(e))
         raise
@@ -306,8 +301,7 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
     preflight(cfg)
     check_machine(cfg)
     rank0 = env_rank() == 0
-    from mtlora.training.loop import run_training
-
+    procedure = procedure_for(cfg)
     if check_resume(cfg, run_dir):  # every rank reads the same files and returns alike
         if rank0:
             log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
@@ -315,7 +309,7 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
     if rank0:
         start_run(cfg, run_dir)
     try:
-        run_training(cfg, run_dir)
+        procedure.run(cfg, run_dir)
     except BaseException as e:
         if rank0:
             finish(run_dir, ok=False, message=repr(e))

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mtlora.diagnostics.runner import DiagnosticsRunner  # noqa: E402
-from mtlora.training.loop import run_training  # noqa: E402
+from mtlora.procedures.finetune.recipe import run_training  # noqa: E402
 from tests.helpers.compose import compose_train  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from mtlora.adapters.split import LoraSplitLinear
 
 ADAPTER_METHODS: dict[str, type[AdapterLayer]] = {
     "lora": LoraLinear,
-    # LoraHub (mtlora/lorahub.py) composes library LoRAs into one plain LoRA layer, so a composed run
+    # LoraHub (mtlora/procedures/lorahub/) composes library LoRAs into one plain LoRA layer, so a composed run
     # loads (load_run), exports and evaluates exactly like adapter.method=lora
     "lorahub": LoraLinear,
     "hydralora": HydraLoraLinear,

@@ -21,8 +21,9 @@ from mtlora.config import validate_config
 from mtlora.data.build import rows_per_task
 from mtlora.data.mixture import BatchStream
 from mtlora.load import load_run
+from mtlora.procedures.common import build_model_and_data
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import save_resolved_config
-from mtlora.training.loop import build_model_and_data, run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import logged, train_tiny
 

@@ -16,9 +16,10 @@ from mtlora.data.collate import collate
 from mtlora.data.mixture import BatchStream
 from mtlora.load import load_run
 from mtlora.losses.alignment import alignment_loss
+from mtlora.procedures.common import build_model_and_data
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import load_resolved_config, save_resolved_config
 from mtlora.training.alignment_window import AlignmentTerm
-from mtlora.training.loop import build_model_and_data, run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import logged, train_tiny
 

@@ -21,8 +21,8 @@ from mtlora.adapters import MLoraLinear, adapter_layers
 from mtlora.adapters.context import AdapterContext
 from mtlora.export import ExportError, _peft_tensors, export_peft, main
 from mtlora.load import load_run
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN
 

@@ -17,8 +17,8 @@ from mtlora.eval import heldin_gen, metrics, mmlu
 from mtlora.evaluate import evaluate
 from mtlora.load import load_run
 from mtlora.models import build_model, build_tokenizer
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import SHORT_RUN
 

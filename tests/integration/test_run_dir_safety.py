@@ -18,8 +18,8 @@ from mtlora.evaluate import evaluate, split_argv
 from mtlora.export import ExportError, export_run, parse_args
 from mtlora.export import main as export_main
 from mtlora.load import RunLoadError, load_run
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import EXPORT_RUN
 
