@@ -119,7 +119,7 @@ class LoraHubProcedure:
         best, rec = res["best_evaluated"], res["recommendation"]
         chosen = rec if self.choice == "recommendation" else best
         set_composition(self.model, self.stacks, chosen["weights"])
-        self.names = names = [str(Path(d).resolve()) for d in self.modules]
+        self.names = [str(Path(d).resolve()) for d in self.modules]
         self.chosen, self.best, self.rec = chosen, best, rec
         log.info(
             "LoraHub: loaded the %s, loss %.4f (CE %.4f; base model %.4f) at weights %s; best evaluated "
@@ -132,6 +132,13 @@ class LoraHubProcedure:
             best["loss"],
             rec["loss"],
         )
+        return self.record(res)
+
+    def record(self, res: dict) -> dict:
+        """The contents of ``metrics/lorahub.json``: the library, the loaded and both candidate weights by
+        module, their losses, the settings, the few-shot rows and every evaluation."""
+        cfg, names, objective = self.cfg, self.names, self.objective
+        chosen, best, rec = self.chosen, self.best, self.rec
         return {
             "library": [str(Path(d).resolve()) for d in self.library],
             "modules": names,
