@@ -92,7 +92,7 @@ def count(cfg: DictConfig) -> dict[str, Any]:
 def lorahub_library_size(cfg: DictConfig) -> tuple[int, str]:
     """``K``, the LoRAs a LoraHub config composes, and where the number comes from (module doc)."""
     from mtlora.data.build import selected_tasks  # heavy imports: not on the --help path
-    from mtlora.lorahub import resolve_library
+    from mtlora.procedures.lorahub.library import resolve_library
 
     a = cfg.adapter
     if a.get("num_modules") is not None:

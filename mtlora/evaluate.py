@@ -62,7 +62,7 @@ _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no":
 def _start_base_run(cfg: DictConfig, out: Path) -> None:
     """Make ``out`` the run dir of a base-model evaluation: ``RUNNING``, ``config_resolved.yaml`` (adapter
     ``none``) and ``meta.json``, as a training run's (mtlora.train.start_run)."""
-    from mtlora.run.meta import write_meta
+    from mtlora.run.manifest import write_meta
     from mtlora.run.rundir import RESOLVED_CONFIG, claim, save_resolved_config
 
     check_output_dir(out, own=out)

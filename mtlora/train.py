@@ -2,7 +2,7 @@
 
 * single process (``hardware.launcher=none``): trains in this process;
 * ``hardware.launcher=accelerate``: saves the resolved config and starts ``accelerate launch`` workers
-  (:mod:`mtlora.launch`) that read it;
+  (:mod:`mtlora.launcher.launch`) that read it;
 * direct ``accelerate launch -m mtlora.train hydra.run.dir=DIR ...``: every rank runs this entry; an
   explicit ``hydra.run.dir`` is required so that all ranks agree on the run dir, and rank 0 alone writes
   markers, config and meta.
@@ -35,7 +35,9 @@ from mtlora.cli.entry import user_errors
 from mtlora.cli.errors import describe
 from mtlora.cli.help import exit_with_help
 from mtlora.errors import ConfigError
-from mtlora.run.meta import config_hash, record_resume, write_meta
+from mtlora.procedures import procedure_for
+from mtlora.run.layout import RunLayout
+from mtlora.run.manifest import config_hash, record_resume, write_meta
 from mtlora.run.rundir import (
     MARKERS,
     RESOLVED_CONFIG,
@@ -51,7 +53,7 @@ from mtlora.utils.dist import env_rank, exit_on_sigterm, launched_as_worker, req
 from mtlora.utils.paths import CONFIG_PATH
 from mtlora.utils.resolvers import STAGED_SUFFIX, register_resolvers
 
-# torch, transformers and the training code are imported where they are used, so that `--help` and
+# torch, transformers and the procedures' code are imported where they are used, so that `--help` and
 # `--cfg job` answer without loading them.
 
 register_resolvers()
@@ -79,15 +81,12 @@ def preflight(cfg: DictConfig) -> None:
         from mtlora.eval.mmlu import mmlu_dir
 
         mmlu_dir(cfg.eval.mmlu.get("data_dir"))
-    if cfg.adapter.get("method") == "lorahub":  # composition, not training: check the library up front
-        from mtlora.lorahub import preflight_lorahub
-
-        preflight_lorahub(cfg)
+    procedure_for(cfg).check(cfg)  # the procedure's own checks (lorahub: its library, before any weights)
 
 
 def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
-    """:func:`mtlora.launch.spawn_workers`, imported on first use (it loads torch)."""
-    from mtlora.launch import spawn_workers as spawn
+    """:func:`mtlora.launcher.launch.spawn_workers`, imported on first use (it loads torch)."""
+    from mtlora.launcher.launch import spawn_workers as spawn
 
     return spawn(cfg, run_dir)
 
@@ -108,8 +107,9 @@ def _result(run_dir: Path, metric: str | None = None) -> float | None:
     looked up under ``macro`` (``heldin/exact_match`` = macro exact match); a dict at the end gives its
     ``accuracy`` / ``exact_match`` / ``score`` (``bbh/macro`` = macro accuracy). None when absent."""
     suite, *keys = (metric or DEFAULT_METRIC).split("/")
-    mdir = run_dir / "metrics"
-    files = [mdir / f"eval_{suite}.json"] if (mdir / f"eval_{suite}.json").exists() else []
+    layout = RunLayout(run_dir)
+    mdir = layout.metrics
+    files = [layout.suite(suite)] if layout.suite(suite).exists() else []
     files = files or sorted(mdir.glob(f"eval_{suite}_*.json"))
     if len(files) != 1:
         return None
@@ -277,20 +277,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
         print(f"{run_dir} is already COMPLETED with this config; nothing to resume", flush=True)
         return _result(run_dir, cfg.get("optimized_metric"))
+    procedure = procedure_for(cfg)  # finetune, or the procedure of cfg.adapter.method (lorahub)
     start_run(cfg, run_dir)
     try:
-        if cfg.adapter.get("method") == "lorahub":  # gradient-free composition of trained LoRAs
-            from mtlora.lorahub import compose_run
-
-            compose_run(cfg, run_dir)
-        elif cfg.hardware.launcher == "accelerate":
+        if procedure.workers and cfg.hardware.launcher == "accelerate":
             code = spawn_workers(cfg, run_dir)
             if code != 0:
                 raise RuntimeError(f"training workers exited with code {code}; see {run_dir}/train*.log")
         else:
-            from mtlora.training.loop import run_training
-
-            run_training(cfg, run_dir)
+            procedure.run(cfg, run_dir)
     except BaseException as e:
         finish(run_dir, ok=False, message=repr(e))
         raise
@@ -309,8 +304,7 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
     preflight(cfg)
     check_machine(cfg)
     rank0 = env_rank() == 0
-    from mtlora.training.loop import run_training
-
+    procedure = procedure_for(cfg)
     if check_resume(cfg, run_dir):  # every rank reads the same files and returns alike
         if rank0:
             log.info("%s is already COMPLETED with this config; nothing to resume", run_dir)
@@ -318,7 +312,7 @@ def run_direct_worker(cfg: DictConfig, run_dir: Path) -> float | None:
     if rank0:
         start_run(cfg, run_dir)
     try:
-        run_training(cfg, run_dir)
+        procedure.run(cfg, run_dir)
     except BaseException as e:
         if rank0:
             finish(run_dir, ok=False, message=repr(e))

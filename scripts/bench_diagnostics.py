@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from mtlora.config.compose import compose_train_config  # noqa: E402
 from mtlora.diagnostics.runner import DiagnosticsRunner  # noqa: E402
+from mtlora.procedures.finetune.recipe import run_training  # noqa: E402
 from mtlora.run.layout import RunLayout  # noqa: E402
-from mtlora.training.loop import run_training  # noqa: E402
 
 
 def timed_runner_seconds() -> list[float]:

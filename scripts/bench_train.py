@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from mtlora.adapters import inject_adapters  # noqa: E402
 from mtlora.models.factory import arch_config, build_model, torch_dtype  # noqa: E402
-from mtlora.training.alignment import AlignmentTerm  # noqa: E402
+from mtlora.training.alignment_window import AlignmentTerm  # noqa: E402
 from mtlora.training.compile import compile_decoder_layers  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

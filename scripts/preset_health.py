@@ -499,7 +499,7 @@ def quiet_progress_bars():
     """No per-step progress bar from the training loop (which asks for one explicitly) inside the block."""
     from tqdm.auto import tqdm
 
-    from mtlora.training import loop
+    from mtlora.procedures.finetune import recipe as loop
 
     def quiet(*args, **kwargs):
         return tqdm(*args, **{**kwargs, "disable": True})

@@ -169,7 +169,7 @@ def test_unknown_task_file_is_a_hydra_error_naming_it(tmp_path: Path) -> None:
 
 
 def test_config_hash_ignores_resume_but_not_real_changes(tmp_path: Path) -> None:
-    from mtlora.run.meta import config_hash
+    from mtlora.run.manifest import config_hash
 
     base = config_hash(compose_train([], run_dir=tmp_path))
     assert config_hash(compose_train(["resume=auto"], run_dir=tmp_path)) == base

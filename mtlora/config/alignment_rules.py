@@ -17,7 +17,7 @@ def check_alignment(c: Checker, cfg: DictConfig) -> None:
     c.num("alignment.weight", 0)
     if cfg.alignment.get("name", "none") == "none":
         return
-    from mtlora.training.alignment import GROUPINGS, WEIGHTINGS, AlignmentTerm
+    from mtlora.training.alignment_window import GROUPINGS, WEIGHTINGS, AlignmentTerm
 
     c.choice("alignment.pool", ("none", "mean", "masked_mean"))
     c.choice("alignment.pair_reduce", ("sum", "mean"))

@@ -18,7 +18,7 @@ from mtlora.errors import ConfigError
 def check_meta(c: Checker, cfg: DictConfig) -> None:
     """MeTA-LoRA's meta-learning step (``adapter.meta``, adapter=meta_lora): its own keys, and no alignment."""
     if cfg.adapter.get("meta"):
-        from mtlora.training.meta import MetaLearner
+        from mtlora.training.meta_lora import MetaLearner
 
         try:
             MetaLearner.from_config(cfg.adapter.meta)
@@ -73,8 +73,8 @@ def check_deepspeed_combinations(c: Checker, cfg: DictConfig) -> None:
 def check_task_balanced_batches(c: Checker, cfg: DictConfig) -> None:
     """The micro-batch holds the rows an alignment loss or the meta step needs
     (:func:`mtlora.data.batching.rows_per_task`), and enough rows stand behind each alignment statistic
-    (:func:`mtlora.training.alignment.check_alignment_rows`)."""
-    from mtlora.training.alignment import check_alignment_rows
+    (:func:`mtlora.training.alignment_window.check_alignment_rows`)."""
+    from mtlora.training.alignment_window import check_alignment_rows
 
     try:
         k = rows_per_task(cfg)

@@ -36,8 +36,8 @@ def check_train(c: Checker, cfg: DictConfig) -> None:
             c.errors.append(str(e))
         else:
             check_compile_hardware(c, cfg, settings)
-    if c.has("train.loss"):  # memory-lean loss (mtlora.training.loss)
-        from mtlora.training.loss import LOSS_IMPLS
+    if c.has("train.loss"):  # memory-lean loss (mtlora.losses.causal_lm)
+        from mtlora.losses.causal_lm import LOSS_IMPLS
 
         c.choice("train.loss.impl", LOSS_IMPLS)
         c.int_("train.loss.chunk_tokens", 1)

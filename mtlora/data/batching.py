@@ -37,7 +37,7 @@ def rows_per_task(cfg: DictConfig) -> int | None:
     mbs = int(cfg.train.micro_batch_size)
     k = cfg.data.get("rows_per_task") or mbs // max(n_tasks, 1)
     # alignment over one micro-batch needs 2 rows per task; over a window (alignment.window=step) the
-    # alignment term checks its rows per group (mtlora.training.alignment)
+    # alignment term checks its rows per group (mtlora.training.alignment_window)
     low = 2 if meta or (aligned and cfg.alignment.get("window", "micro") == "micro") else 1
     if k < low or k * n_tasks != mbs:
         why = " (alignment needs 2 to estimate a variance)" if low == 2 else ""

@@ -7,7 +7,7 @@ unpacked row, so no example predicts the next example's first token), and ``toke
 task id of every token (-1 on padding) for the per-task loss log.
 
 Attention never crosses examples: the batch carries ``position_ids`` and the loss passes
-``attention_mask=None`` (:func:`mtlora.training.loss.model_inputs`). transformers 5.x then detects the
+``attention_mask=None`` (:func:`mtlora.losses.causal_lm.model_inputs`). transformers 5.x then detects the
 packed format from the positions (``masking_utils.find_packed_sequence_indices``: a new sequence starts
 wherever a position is not the previous one + 1) and ands a block-diagonal mask into the causal mask
 (``packed_sequence_mask_function``) for the sdpa, eager and flex paths; flash-attention derives

@@ -50,7 +50,7 @@ from mtlora.diagnostics.common import (
     upper,
 )
 from mtlora.diagnostics.heads import gram_cosine
-from mtlora.training.loss import token_cross_entropy
+from mtlora.losses.causal_lm import token_cross_entropy
 
 #: adapter parameters that only the rows of one task use (a row of them per task)
 TASK_SPECIFIC = ("lora_lambda", "lora_task_logits", "lora_task_embedding")

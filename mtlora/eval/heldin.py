@@ -43,7 +43,7 @@ def _evaluate_heldin(model, data, batch_size: int, max_per_task: int | None, dev
     from mtlora.data.collate import collate
 
     # the per-token LM cross entropy that training minimises
-    from mtlora.training.loss import token_cross_entropy
+    from mtlora.losses.causal_lm import token_cross_entropy
 
     ctx = model.adapter_context
     was_training = model.training

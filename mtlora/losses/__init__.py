@@ -1,1 +1,2 @@
-"""Auxiliary training losses (e.g. the Align-LoRA representation-alignment losses in :mod:`.alignment`)."""
+"""Training losses: the causal-LM answer-token loss (:mod:`.causal_lm`) and the Align-LoRA
+representation-alignment losses (:mod:`.alignment`)."""

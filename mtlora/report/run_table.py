@@ -18,7 +18,7 @@ How a cell runs depends on its adapter:
   over ``data.select``, evaluation off) into ``<runs>/lorahub_library/<paper>_<table>/<model>/<cell>/<task>/``
   (only the tasks not COMPLETED there), then the composition with ``adapter.library_glob`` set to it. Without
   ``--smoke``, a preset whose own ``adapter.library_glob`` already matches COMPLETED runs (a library built
-  with ``make lorahub``) keeps it. The composition (mtlora.lorahub) runs the cell's evaluation suites itself.
+  with ``make lorahub``) keeps it. The composition (mtlora.procedures.lorahub) runs the cell's evaluation suites itself.
 
 Then scripts/make_tables.py writes ``<reports>/<paper>_<table>/table.{md,csv,tex}`` (ours beside the
 paper's numbers) and the ``--plot`` plots. ``--smoke``: the tiny model on synthetic data, a few steps, and

@@ -236,6 +236,6 @@ def tracker_accelerator(logger_cfg: DictConfig | dict, run_dir: Path | None):
 
     from mtlora.utils.dist import launched_as_worker
 
-    if not launched_as_worker():  # a single-process job owns the process (see mtlora.training.loop)
+    if not launched_as_worker():  # a single-process job owns the process (see procedures.finetune)
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=True, **accelerator_tracking_kwargs(logger_cfg, run_dir))

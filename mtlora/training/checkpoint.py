@@ -46,6 +46,7 @@ from mtlora.adapters.state import (
 )
 from mtlora.errors import IntegrityError
 from mtlora.run.checksums import verify, write_manifest
+from mtlora.run.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def check_checkpoint_fits(cfg: Any, ckpt_dir: Path) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunLayout(run_dir).checkpoints
     if not root.is_dir():
         return []
     # exactly ``step_<int>``: skips ``step_N.tmp`` (an interrupted save) and any other dir a user put there

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from mtlora.training.loop import run_training
+from mtlora.procedures.finetune.recipe import run_training
 from tests.helpers.compose import compose_train
 
 #: a six-step run of the tiny model on 128 synthetic rows, logging every step

@@ -20,9 +20,10 @@ import torch
 from mtlora.config import validate_config
 from mtlora.data.batching import rows_per_task
 from mtlora.data.mixture import BatchStream
+from mtlora.procedures.common import build_model_and_data
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import save_resolved_config
 from mtlora.trained_run import load_run
-from mtlora.training.loop import build_model_and_data, run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import logged, train_tiny
 

@@ -15,10 +15,11 @@ from mtlora.data.batching import rows_per_task
 from mtlora.data.collate import collate
 from mtlora.data.mixture import BatchStream
 from mtlora.losses.alignment import alignment_loss
+from mtlora.procedures.common import build_model_and_data
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import load_resolved_config, save_resolved_config
 from mtlora.trained_run import load_run
-from mtlora.training.alignment import AlignmentTerm
-from mtlora.training.loop import build_model_and_data, run_training
+from mtlora.training.alignment_window import AlignmentTerm
 from tests.helpers.compose import compose_train
 from tests.helpers.training import logged, train_tiny
 

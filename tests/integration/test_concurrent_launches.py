@@ -41,7 +41,7 @@ def _wait_for_records(d: Path, p: subprocess.Popen, n: int = 2, timeout: float =
 
 
 def _workers(d: Path) -> list[int]:
-    """pids of the ``mtlora.worker`` processes training into ``d`` (not their ``accelerate launch``)."""
+    """pids of the ``mtlora.launcher.worker`` processes training into ``d`` (not their ``accelerate launch``)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -50,7 +50,11 @@ def _workers(d: Path) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"mtlora.worker" in cmd and str(d).encode() in cmd and b"accelerate.commands.launch" not in cmd:
+        if (
+            b"mtlora.launcher.worker" in cmd
+            and str(d).encode() in cmd
+            and b"accelerate.commands.launch" not in cmd
+        ):
             pids.append(int(proc.name))
     return pids
 

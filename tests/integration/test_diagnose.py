@@ -169,7 +169,7 @@ def test_compare_cli_compares_runs_layer_by_layer(runs, tmp_path) -> None:
 def test_random_init_heads_are_saved_before_training_and_diagnose_reports_the_increments(tmp_path) -> None:
     """R-LoRA: the training loop writes the initial heads B₀ (with diagnostics off), and diagnose on the
     finished run dir reports the similarity of B − B₀ beside the raw one."""
-    from mtlora.training.loop import build_model_and_data
+    from mtlora.procedures.common import build_model_and_data
 
     d = tmp_path / "rlora"
     over = [

@@ -18,9 +18,9 @@ from mtlora.errors import ConfigError, DataError
 from mtlora.eval import bbh, generate
 from mtlora.eval.bbh_suite import resolve_settings, resolve_task_id, run_bbh
 from mtlora.models import build_model, build_tokenizer
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.trained_run import load_run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import CONF, REPO, compose_train, run_module
 from tests.helpers.training import SHORT_RUN
 

@@ -15,16 +15,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import mtlora.training.loop as loop
+import mtlora.procedures.finetune.recipe as loop
 from mtlora.adapters import LoraLinear, adapter_layers, find_targets, inject_adapters, save_adapter
 from mtlora.adapters.base import AdapterLayer
 from mtlora.adapters.registry import ADAPTER_METHODS, registered
 from mtlora.adapters.spec import MethodSpec
 from mtlora.export import ExportError, _peft_target_modules, export_merged, export_peft, main
 from mtlora.models import build_model
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.trained_run import RunLoadError, load_base_model, load_run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train, run_module
 from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN
 

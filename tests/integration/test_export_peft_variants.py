@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 
 from mtlora.adapters import MLoraLinear, adapter_layers
 from mtlora.adapters.context import AdapterContext
-from mtlora.export import ExportError, _peft_tensors, export_peft, main
+from mtlora.export import ExportError, export_peft, main
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.trained_run import load_run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN
 
@@ -131,7 +131,7 @@ def test_mlora_peft_tensors_reproduce_delta_weight(offset: bool, combine: str) -
     )
     with torch.no_grad():
         layer.lora_B.add_(torch.randn_like(layer.lora_B))  # off the init: the offset no longer cancels
-    t = _peft_tensors(layer)
+    t = layer.peft_tensors()
     a, b = t["lora_A.weight"], t["lora_B.weight"]
     assert a.shape == (8 if offset else 4, 16) and b.shape == (12, a.shape[0])
     c = 1.0 if combine == "sum" else 1 / 3

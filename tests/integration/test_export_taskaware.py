@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 from mtlora.adapters import adapter_layers
 from mtlora.adapters.base import AdapterLayer
 from mtlora.export import ExportError, export_merged, export_peft, export_run, main
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.trained_run import load_run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import EXPORT_PROMPTS, EXPORT_RUN
 

@@ -16,9 +16,9 @@ from mtlora.errors import ConfigError, DataError
 from mtlora.eval import generate, heldin_gen, mmlu, scoring
 from mtlora.evaluate import evaluate
 from mtlora.models import build_model, build_tokenizer
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.trained_run import load_run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import SHORT_RUN
 

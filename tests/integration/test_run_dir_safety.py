@@ -17,9 +17,9 @@ from mtlora.errors import ConfigError
 from mtlora.evaluate import evaluate, split_argv
 from mtlora.export import ExportError, export_run, parse_args
 from mtlora.export import main as export_main
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.run.rundir import finish, save_resolved_config
 from mtlora.trained_run import RunLoadError, load_run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 from tests.helpers.training import EXPORT_RUN
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mtlora.training.loop import run_training
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.training.watchdog import LossWatchdog, TrainingDiverged
 from tests.helpers.compose import compose_train
 
@@ -152,7 +152,7 @@ def test_tensorboard_logs_the_per_task_train_and_heldout_curves(tmp_path: Path) 
 def test_a_stopped_default_run_resumes_with_the_same_losses(tmp_path: Path, monkeypatch) -> None:
     """Checkpoints are on by default (train.checkpoint_every=auto: every 10% of the steps): a run stopped
     right after a checkpoint continues with resume=auto and logs the losses of an uninterrupted run."""
-    from mtlora.training import loop
+    from mtlora.procedures.finetune import recipe as loop
 
     args = ["train.max_steps=20", "eval=none", "data.budget=128", "train.log_every=1", "logger=none"]
     ref = tmp_path / "ref"

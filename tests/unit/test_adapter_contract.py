@@ -58,7 +58,7 @@ from mtlora.adapters.state import ADAPTER_CONFIG
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError
 from mtlora.models import build_model
-from mtlora.training.loop import run_training
+from mtlora.procedures.finetune.recipe import run_training
 from tests.helpers.adapter_yaml import unmarked_departures
 from tests.helpers.compose import CONF, compose_train
 from tests.helpers.tiny import inject, logits, randomise_adapters, tiny_config, tokens

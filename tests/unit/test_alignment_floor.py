@@ -15,7 +15,7 @@ import torch
 from mtlora.config import validate_config
 from mtlora.errors import ConfigError
 from mtlora.train import preflight
-from mtlora.training.alignment import KL_MIN_ROWS
+from mtlora.training.alignment_window import KL_MIN_ROWS
 from tests.helpers.compose import compose_train
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from mtlora.data.collate import IGNORE_INDEX, collate
 from mtlora.errors import ConfigError
 from mtlora.losses.alignment import released_group_ids, released_groups
-from mtlora.training.alignment import AlignmentTerm
+from mtlora.training.alignment_window import AlignmentTerm
 
 
 def term(**kw) -> AlignmentTerm:

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mtlora.errors import ConfigError
 from mtlora.losses.alignment import alignment_loss
-from mtlora.training.alignment import AlignmentTerm
+from mtlora.training.alignment_window import AlignmentTerm
 
 
 def term(**kw) -> AlignmentTerm:

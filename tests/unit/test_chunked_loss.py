@@ -1,4 +1,4 @@
-"""train.loss.impl=chunked (mtlora.training.loss): same per-token CE and adapter gradients as the full
+"""train.loss.impl=chunked (mtlora.losses.causal_lm): same per-token CE and adapter gradients as the full
 fp32 logits, while no (B, L, V) logits tensor is ever materialised or saved for the backward."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 from mtlora.adapters import inject_adapters
 from mtlora.data.collate import collate
+from mtlora.losses.causal_lm import causal_lm_loss, chunked_token_cross_entropy, head_bypassed
 from mtlora.models import build_model
-from mtlora.training.loss import causal_lm_loss, chunked_token_cross_entropy, head_bypassed
 from tests.helpers.compose import compose_train
 
 

@@ -12,8 +12,8 @@ from mtlora.config import validate_config
 from mtlora.config.validate import leaves
 from mtlora.errors import ConfigError
 from mtlora.evaluate import evaluate
+from mtlora.procedures.finetune.recipe import run_training
 from mtlora.train import preflight, run
-from mtlora.training.loop import run_training
 from tests.helpers.compose import compose_train
 
 

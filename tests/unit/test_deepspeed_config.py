@@ -104,7 +104,7 @@ def test_accelerator_kwargs_keep_deepspeed_on_the_cpu():
 
 
 def test_cpu_deepspeed_with_a_visible_gpu_is_refused(monkeypatch):
-    """Workers launched by hand on a GPU machine without the CPU environment (mtlora.launch sets it)."""
+    """Workers launched by hand on a GPU machine without the CPU environment (mtlora.launcher.launch sets it)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="):
         accelerator_kwargs(compose_train(["hardware=cpu2_zero2"]))

@@ -167,7 +167,7 @@ class _Tracker:
 
 
 def test_a_registered_suite_is_run_at_the_end_of_training(tmp_path: Path, toy):
-    from mtlora.training.loop import generation_suites_at_end
+    from mtlora.procedures.common import generation_suites_at_end
 
     suite, calls = toy
     cfg = compose_train(["eval.suites=[heldin,toy]", "eval.samples=null"])

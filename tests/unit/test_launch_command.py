@@ -1,4 +1,4 @@
-"""The `accelerate launch` argv that mtlora.launch builds for each hardware preset."""
+"""The `accelerate launch` argv that mtlora.launcher.launch builds for each hardware preset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlora.launch import worker_command, worker_env
+from mtlora.launcher.launch import worker_command, worker_env
 from tests.helpers.compose import compose_train
 
 RUN = Path("/runs/x")
@@ -16,7 +16,7 @@ RUN = Path("/runs/x")
 def _argv(over, monkeypatch=None) -> list[str]:
     cmd = worker_command(compose_train(over), RUN)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert cmd[-3:] == ["-m", "mtlora.worker", str(RUN)]
+    assert cmd[-3:] == ["-m", "mtlora.launcher.worker", str(RUN)]
     return cmd[3:-3]
 
 

@@ -1,4 +1,4 @@
-"""LoraHub composition (mtlora/lorahub.py): factor-wise sums, the objective, one-hot weights, library checks."""
+"""LoraHub composition (mtlora.procedures.lorahub): factor-wise sums, the objective, one-hot weights, library checks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from torch import nn
 from mtlora.adapters import AdapterContext, LoraLinear, adapter_state_dict, inject_adapters
 from mtlora.adapters.state import load_adapter_state_dict
 from mtlora.errors import ConfigError
-from mtlora.lorahub import (
+from mtlora.models import build_model
+from mtlora.procedures.lorahub import (
     Objective,
     check_library_run,
     compose_factors,
@@ -27,7 +28,6 @@ from mtlora.lorahub import (
     sample_modules,
     set_composition,
 )
-from mtlora.models import build_model
 from mtlora.run.rundir import save_resolved_config
 from tests.helpers.compose import compose_train
 

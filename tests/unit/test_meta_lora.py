@@ -1,4 +1,4 @@
-"""MeTA-LoRA's meta step (mtlora.training.meta) against independent computations on a toy LoRA model."""
+"""MeTA-LoRA's meta step (mtlora.training.meta_lora) against independent computations on a toy LoRA model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from mtlora.adapters import inject_adapters
 from mtlora.errors import ConfigError
-from mtlora.training.meta import MetaLearner, average_grads_across_processes
+from mtlora.training.meta_lora import MetaLearner, average_grads_across_processes
 
 V, D = 11, 6
 

@@ -13,8 +13,8 @@ from mtlora.data import build_data
 from mtlora.data.collate import IGNORE_INDEX, collate
 from mtlora.data.packing import pack, pack_rows
 from mtlora.errors import ConfigError
+from mtlora.losses.causal_lm import causal_lm_loss, model_inputs
 from mtlora.models import build_model, build_tokenizer
-from mtlora.training.loss import causal_lm_loss, model_inputs
 from tests.helpers.compose import compose_train
 
 

@@ -13,7 +13,7 @@ from matplotlib import pyplot as plt
 
 from mtlora.diagnostics import diagnostic_plots as dplots
 from mtlora.diagnostics import tsne
-from mtlora.run.plots import plot_loss
+from mtlora.run.loss_plot import plot_loss
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ LORA = register(
 LORAHUB = register(
     MethodSpec(
         name="lorahub",
-        # mtlora/lorahub.py composes library LoRAs into one plain LoRA layer, so a composed run loads,
+        # mtlora/procedures/lorahub/ composes library LoRAs into one plain LoRA layer, so a composed run loads,
         # exports and evaluates exactly like adapter.method=lora
         layer="mtlora.adapters.lora:LoraLinear",
-        doc="LoraHub: gradient-free composition of trained task LoRAs into one LoRA (mtlora/lorahub.py)",
+        doc="LoraHub: gradient-free composition of trained task LoRAs into one LoRA (mtlora/procedures/lorahub/)",
         peft_form="lora",
         composes_library=True,
         packing_conflict=lambda values: (

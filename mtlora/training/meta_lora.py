@@ -41,7 +41,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mtlora.errors import ConfigError
-from mtlora.training.loss import token_cross_entropy
+from mtlora.losses.causal_lm import token_cross_entropy
 
 ALGORITHMS = ("fomaml", "maml", "reptile")
 

@@ -78,7 +78,7 @@ def worker_command(cfg: DictConfig, run_dir: Path) -> list[str]:
         cmd.append("--cpu")
     if hw.get("num_threads"):
         cmd += ["--num_cpu_threads_per_process", str(hw.num_threads)]
-    return [*cmd, "-m", "mtlora.worker", str(run_dir)]
+    return [*cmd, "-m", "mtlora.launcher.worker", str(run_dir)]
 
 
 def spawn_workers(cfg: DictConfig, run_dir: Path) -> int:
