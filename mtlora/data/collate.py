@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import datasets
 import torch
 
-IGNORE_INDEX = -100
+from mtlora.utils.labels import IGNORE_INDEX  # noqa: F401  (re-exported for the data pipeline)
 
 
 def tokenize_examples(ds: datasets.Dataset, tokenizer, max_seq_len: int) -> datasets.Dataset:

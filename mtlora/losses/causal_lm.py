@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mtlora.data.collate import IGNORE_INDEX
+from mtlora.utils.labels import IGNORE_INDEX
 
 LOSS_IMPLS = ("full", "chunked")
 
