@@ -152,11 +152,16 @@ rerun-failed: $(STAMP) ## rerun a sweep's failed jobs in their run dirs with res
 	@test -n "$(SWEEP)" || { echo "usage: make rerun-failed SWEEP=<sweep dir> [ARGS=extra overrides]"; exit 2; }
 	$(PYTHON) -m mtlora.run.callbacks rerun "$(SWEEP)" $(ARGS)
 
-test: $(DEV_STAMP) ## the CPU test suite (what CI runs; slow and GPU tests excluded)
-	$(PYTHON) -m pytest $(ARGS)
+# pytest-xdist: TEST_WORKERS processes (default: one per CPU; TEST_WORKERS=0 runs in this process); a test
+# file stays on one worker (--dist loadfile), so its module-scoped fixtures (trained runs) are built once.
+TEST_WORKERS ?= logical
+PYTEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+test: $(DEV_STAMP) ## the CPU test suite (what CI runs; slow and GPU tests excluded; TEST_WORKERS=N)
+	$(PYTHON) -m pytest $(PYTEST_XDIST) $(ARGS)
 
 test-full: $(DEV_STAMP) ## every CPU test, the slow ones included
-	$(PYTHON) -m pytest -m "not gpu" $(ARGS)
+	$(PYTHON) -m pytest $(PYTEST_XDIST) -m "not gpu" $(ARGS)
 
 test-gpu: $(DEV_STAMP) ## the GPU tests (needs CUDA)
 	$(PYTHON) -m pytest -m gpu $(ARGS)
