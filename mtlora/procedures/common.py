@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlora.adapters import inject_adapters, save_adapter
 from mtlora.data import MultiTaskData, build_data
+from mtlora.errors import ConfigError
 from mtlora.eval.outputs import write_heldin
 from mtlora.models import build_model, build_tokenizer
 from mtlora.run.layout import RunLayout
@@ -21,10 +22,24 @@ from mtlora.training.compile import compile_decoder_layers, eager_layers
 log = logging.getLogger(__name__)
 
 
+def check_packing(cfg: DictConfig) -> None:
+    """Refuse ``data.packing=true`` with what needs one task per row: the adapter method's own reason (its
+    spec's ``packing_problem``), an alignment loss, a meta step (:func:`mtlora.data.packing.packing_conflicts`)."""
+    from mtlora.adapters.registry import get_spec
+    from mtlora.data.packing import packing_conflicts
+
+    spec = get_spec(cfg.adapter.get("method"))
+    conflicts = packing_conflicts(cfg, spec.packing_problem(cfg.adapter) if spec else None)
+    if conflicts:
+        raise ConfigError("; ".join(conflicts))
+
+
 def build_model_and_data(cfg: DictConfig):
     """Tokenizer, the task mixture, and the base model with adapters injected (only adapters trainable).
 
-    The data is built first, so that a data problem is reported before any weights are loaded."""
+    Packing is checked and the data built first, so that a data problem is reported before any weights are
+    loaded."""
+    check_packing(cfg)
     tokenizer = build_tokenizer(cfg.model)
     data = build_data(cfg.data, tokenizer, int(cfg.model.max_seq_len))
     model = build_model(cfg.model)
