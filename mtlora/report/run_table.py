@@ -41,6 +41,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlora.adapters.registry import get_spec
 from mtlora.errors import ConfigError
 from mtlora.utils.paths import CONF_DIR
 
@@ -178,7 +179,8 @@ def plan(
         cell_run = list(run)
         if smoke and cfg.alignment.get("name", "none") != "none":  # statistics over the preset's whole step
             cell_run = [o for o in run if not o.startswith("train.gradient_accumulation_steps=")]
-        if method == "lorahub":
+        spec = get_spec(method)
+        if spec is not None and spec.composes_library:  # LoraHub: first a library of one LoRA per task
             lib = runs_dir / "lorahub_library" / f"{paper}_{table}" / model_dir / cell
             own = str(cfg.adapter.get("library_glob") or "")
             if not smoke and own and any(_completed(Path(d)) for d in glob.glob(own)):

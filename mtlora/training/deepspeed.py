@@ -222,8 +222,11 @@ def zero3_gathered(acc, params: Iterable[torch.nn.Parameter], collective: bool =
         yield
 
 
-#: evaluation suites that generate (data-dependent number of forwards): main process only
-GENERATION_SUITES = ("bbh", "heldin_gen", "mmlu")
+def generation_suites() -> tuple[str, ...]:
+    """The registered evaluation suites that generate (a data-dependent number of forwards): main process only."""
+    from mtlora.eval.suites import GENERATION, all_suites
+
+    return tuple(s.name for s in all_suites() if s.mode == GENERATION)
 
 
 def eval_on_every_rank(acc) -> bool:
@@ -237,7 +240,8 @@ def defer_main_process_eval(cfg: DictConfig, acc) -> DictConfig:
     if not eval_on_every_rank(acc) or not cfg.eval.get("at_end"):
         return cfg
     suites = list(cfg.eval.get("suites") or [])
-    skipped = [s for s in suites if s in GENERATION_SUITES]
+    generating = generation_suites()
+    skipped = [s for s in suites if s in generating]
     if OmegaConf.select(cfg, "eval.samples.per_task", default=0):
         skipped.append("samples")  # the held-in samples (eval.samples) generate too
     if not skipped:
@@ -251,7 +255,7 @@ def defer_main_process_eval(cfg: DictConfig, acc) -> DictConfig:
         )
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     with open_dict(cfg):
-        cfg.eval.suites = [s for s in suites if s not in GENERATION_SUITES]
+        cfg.eval.suites = [s for s in suites if s not in generating]
         if "samples" in skipped:
             cfg.eval.samples.per_task = 0
     return cfg
