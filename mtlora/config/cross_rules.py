@@ -42,14 +42,19 @@ def check_alignment_tasks(c: Checker, cfg: DictConfig) -> None:
         )
 
 
-def check_packing(c: Checker, cfg: DictConfig) -> None:
-    """``data.packing=true`` only with adapters and losses that ignore row task ids
-    (:func:`mtlora.data.packing.packing_conflicts`)."""
+def packing_errors(cfg: DictConfig) -> list[str]:
+    """Why ``data.packing=true`` cannot run ``cfg`` (empty: it can): the adapter method's own reason (its
+    spec's ``packing_problem``), an alignment loss, a meta step (:func:`mtlora.data.packing.packing_conflicts`)."""
     from mtlora.adapters.registry import get_spec
     from mtlora.data.packing import packing_conflicts
 
     spec = get_spec(cfg.adapter.get("method"))
-    c.errors += packing_conflicts(cfg, spec.packing_problem(cfg.adapter) if spec else None)
+    return packing_conflicts(cfg, spec.packing_problem(cfg.adapter) if spec else None)
+
+
+def check_packing(c: Checker, cfg: DictConfig) -> None:
+    """``data.packing=true`` only with adapters and losses that ignore row task ids (:func:`packing_errors`)."""
+    c.errors += packing_errors(cfg)
 
 
 def check_compile_hardware(c: Checker, cfg: DictConfig, settings: Any) -> None:

@@ -23,13 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def check_packing(cfg: DictConfig) -> None:
-    """Refuse ``data.packing=true`` with what needs one task per row: the adapter method's own reason (its
-    spec's ``packing_problem``), an alignment loss, a meta step (:func:`mtlora.data.packing.packing_conflicts`)."""
-    from mtlora.adapters.registry import get_spec
-    from mtlora.data.packing import packing_conflicts
+    """Refuse ``data.packing=true`` with what needs one task per row, at run start as validation does
+    (:func:`mtlora.config.cross_rules.packing_errors`)."""
+    from mtlora.config.cross_rules import packing_errors
 
-    spec = get_spec(cfg.adapter.get("method"))
-    conflicts = packing_conflicts(cfg, spec.packing_problem(cfg.adapter) if spec else None)
+    conflicts = packing_errors(cfg)
     if conflicts:
         raise ConfigError("; ".join(conflicts))
 
