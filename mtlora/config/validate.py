@@ -32,8 +32,6 @@ from mtlora.models.dtypes import DTYPES
 
 __all__ = ["build_optimization", "leaves", "non_finite_numbers", "validate_config"]
 
-EVAL_SUITES = suite_names()  # the registry of evaluation suites (mtlora.eval.suites)
-
 
 def foreign_knobs(spec: MethodSpec, adapter: DictConfig) -> list[str]:
     """One error per top-level ``adapter`` key that is a knob of other methods but not of ``spec``'s (a
